@@ -1,0 +1,588 @@
+//! Configuration: `proxy.toml` text in, validated runtime settings out.
+//!
+//! The file is read once into a `toml::Table`, `${NAME}` references are replaced from the
+//! environment, and each section (server, admin, every credential, every route, every client) is
+//! deserialized and checked on its own, so one run reports every problem in the file, each with the
+//! key path it belongs to. After this module, the rest of the proxy sees `SocketAddr`, `Duration`,
+//! `Uri`, `Url`, `HeaderName`, parsed certificates and [`Secret`]s, never raw strings.
+//!
+//! Layout: `raw` holds the serde shapes of the file, `env` the `${NAME}` substitution, `values`
+//! the parsers for single values (durations, sizes, URLs, prefixes), `files` the PEM and secret
+//! files, and `server`, `credentials` and `routes` turn each section into its runtime type.
+
+mod credentials;
+mod env;
+mod files;
+mod raw;
+mod routes;
+mod server;
+mod values;
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod tests_files;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+
+use crate::secret::Secret;
+
+pub use values::{parse_duration, parse_size};
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// The `[server]` section: the main listener and its limits.
+    pub server: ServerSettings,
+    /// The `[admin]` section; `None` means no admin listener.
+    pub admin: Option<AdminSettings>,
+    /// The `[credentials.NAME]` sections, by name.
+    pub credentials: BTreeMap<String, CredentialSettings>,
+    /// The `[[routes]]`, in file order.
+    pub routes: Vec<RouteSettings>,
+    /// The `[[clients]]`, in file order; empty means no inbound key is required.
+    pub clients: Vec<ClientSettings>,
+}
+
+/// The main listener (`[server]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerSettings {
+    /// Where tools connect (default `127.0.0.1:8080`).
+    pub listen: SocketAddr,
+    /// HTTPS settings; `None` serves plain HTTP (HTTP/1.1 and h2c).
+    pub tls: Option<TlsSettings>,
+    /// Allows a non-loopback `listen` without any inbound authentication.
+    pub allow_anonymous: bool,
+    /// Path of the local OAuth token endpoint (default `/oauth/token`); `None` turns it off.
+    pub token_endpoint: Option<String>,
+    /// Time allowed until the upstream's response headers (default 120 s).
+    pub request_timeout: Duration,
+    /// Time allowed to connect to an upstream (default 10 s).
+    pub connect_timeout: Duration,
+    /// How long an idle keep-alive client connection is kept (default 90 s).
+    pub idle_timeout: Duration,
+    /// Time allowed for a client to send its request headers (default 10 s).
+    pub header_read_timeout: Duration,
+    /// Most client connections served at once (default 10000).
+    pub max_connections: usize,
+    /// Request bodies up to this many bytes may be replayed after an upstream 401 (default 1 MiB).
+    pub replay_body_limit: u64,
+    /// How long in-flight requests may drain at shutdown (default 30 s).
+    pub shutdown_grace: Duration,
+    /// Adds `X-Forwarded-For`, `-Proto` and `-Host` upstream (default false).
+    pub forwarded_headers: bool,
+    /// Rewrites `Location` headers that point into an upstream (default true).
+    pub rewrite_location: bool,
+    /// Extra roots trusted for upstream and token endpoint TLS, from `upstream_ca_files`.
+    pub upstream_ca: Vec<CertificateDer<'static>>,
+    /// The PEM files `upstream_ca` was read from, resolved against the config file's directory.
+    pub upstream_ca_files: Vec<PathBuf>,
+}
+
+/// HTTPS on the main listener (`tls_cert`, `tls_key`, `client_ca`).
+#[derive(Clone, PartialEq)]
+pub struct TlsSettings {
+    /// The certificate chain's PEM file.
+    pub cert_file: PathBuf,
+    /// The private key's PEM file.
+    pub key_file: PathBuf,
+    /// The certificate chain, leaf first.
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    /// The private key.
+    pub key: Arc<PrivateKeyDer<'static>>,
+    /// The PEM file of the CA that signs client certificates (mTLS), if any.
+    pub client_ca_file: Option<PathBuf>,
+    /// The client CA certificates; empty when client certificates are not required.
+    pub client_ca: Vec<CertificateDer<'static>>,
+}
+
+impl fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Certificates as byte arrays drown the output; counts say what matters.
+        f.debug_struct("TlsSettings")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field(
+                "cert_chain",
+                &format_args!("{} certificate(s)", self.cert_chain.len()),
+            )
+            .field("key", &format_args!("[redacted]"))
+            .field("client_ca_file", &self.client_ca_file)
+            .field(
+                "client_ca",
+                &format_args!("{} certificate(s)", self.client_ca.len()),
+            )
+            .finish()
+    }
+}
+
+/// The admin listener (`[admin]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSettings {
+    /// Where `/healthz`, `/readyz`, `/metrics` and `/status` are served (default `127.0.0.1:9090`).
+    pub listen: SocketAddr,
+}
+
+/// One named credential (`[credentials.NAME]`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum CredentialSettings {
+    /// `type = "oauth"` (the default): client credentials exchanged for verified JWTs.
+    OAuth(OAuthSettings),
+    /// `type = "header"`: a static value injected as a header.
+    Header(HeaderSettings),
+}
+
+/// An OAuth client-credentials credential.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OAuthSettings {
+    /// The OAuth client id.
+    pub client_id: String,
+    /// The OAuth client secret, from `client_secret` or the content of `client_secret_file`.
+    pub client_secret: Secret,
+    /// The file the secret was read from (re-read on reload), if any.
+    pub client_secret_file: Option<PathBuf>,
+    /// The token endpoint (default `https://auth.sitecorecloud.io/oauth/token`).
+    pub token_url: reqwest::Url,
+    /// The audience requested and required in tokens (default `https://api.sitecorecloud.io`).
+    pub audience: String,
+    /// How the token request body is encoded.
+    pub request_format: RequestFormat,
+    /// Extra fields sent to the token endpoint.
+    pub extra_params: BTreeMap<String, String>,
+    /// The `iss` tokens must carry (default: `scheme://authority/` of `token_url`).
+    pub issuer: String,
+    /// Where the signing keys are fetched (default: `issuer` + `.well-known/jwks.json`).
+    pub jwks_url: reqwest::Url,
+    /// Accepted signature algorithms (default `[RS256]`; never `none` or HMAC).
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    /// Clock-skew tolerance when checking `exp` and `nbf` (default 60 s).
+    pub leeway: Duration,
+    /// Share of a token's lifetime after which it is refreshed, in (0, 1) (default 0.8).
+    pub refresh_at: f64,
+}
+
+/// The body encoding of a token request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RequestFormat {
+    /// `application/x-www-form-urlencoded` (the default).
+    #[default]
+    Form,
+    /// `application/json`.
+    Json,
+}
+
+/// A static credential injected as a header.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeaderSettings {
+    /// The header to set (never hop-by-hop or `Host`).
+    pub header: http::HeaderName,
+    /// The header's value; valid as an HTTP header value.
+    pub value: Secret,
+    /// The file the value was read from (re-read on reload), if any.
+    pub value_file: Option<PathBuf>,
+}
+
+/// One route (`[[routes]]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteSettings {
+    /// The path prefix, matched on whole segments: `/` or `/a/b`, never with a trailing `/`.
+    pub prefix: String,
+    /// The upstream base: scheme, authority and path (no trailing `/` except the root).
+    pub upstream: http::Uri,
+    /// The name of the credential injected on this route.
+    pub credential: String,
+    /// Overrides `server.request_timeout` for this route.
+    pub timeout: Option<Duration>,
+}
+
+/// One inbound client (`[[clients]]`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientSettings {
+    /// The client's name (its `client_id` at the local token endpoint; shown in logs and metrics).
+    pub name: String,
+    /// SHA-256 of the client's key.
+    pub key_sha256: [u8; 32],
+    /// Route prefixes this client may use; `None` means all routes.
+    pub routes: Option<Vec<String>>,
+}
+
+impl fmt::Debug for ClientSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientSettings")
+            .field("name", &self.name)
+            .field("key_sha256", &hex::encode(self.key_sha256))
+            .field("routes", &self.routes)
+            .finish()
+    }
+}
+
+/// Everything wrong with a configuration file, one [`Problem`] per key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file that was read.
+    pub path: PathBuf,
+    /// What is wrong, in the order found.
+    pub problems: Vec<Problem>,
+}
+
+/// One thing wrong with a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The key path, like `credentials.automation.client_secret` or `routes[2].upstream`; empty
+    /// for problems with the whole file.
+    pub key: String,
+    /// What is wrong and how to fix it; one line, never a secret.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    /// One line per problem: `{path}: {key}: {message}` (`{path}: {message}` for whole-file ones).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{}: {problem}", self.path.display())?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and validates the file; relative file paths inside it (`tls_cert`, `tls_key`,
+    /// `client_ca`, `upstream_ca`, `*_file`) resolve against the config file's directory.
+    /// `${NAME}` references are read from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let whole_file = |message: String| ConfigError {
+            path: path.to_path_buf(),
+            problems: vec![Problem {
+                key: String::new(),
+                message,
+            }],
+        };
+        let bytes = std::fs::read(path)
+            .map_err(|e| whole_file(format!("cannot read the configuration file: {e}")))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|e| whole_file(format!("the file is not UTF-8 text: {e}")))?;
+        Config::parse(&text, path, &|name| std::env::var(name).ok())
+    }
+
+    /// Same as [`Config::load`] from text, with an injectable environment lookup (tests must not
+    /// mutate the process environment). Files named in the text are still read from disk.
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let base_dir = path.parent().unwrap_or_else(|| Path::new(""));
+        let mut problems = Problems::default();
+        let config = build(text, path, base_dir, env, &mut problems);
+        match config {
+            Some(config) if problems.is_empty() => Ok(config),
+            _ => {
+                if problems.is_empty() {
+                    // Every converter records why it gave up; this is a guard, not a path.
+                    problems.push("", "the configuration could not be read (internal error)");
+                }
+                Err(ConfigError {
+                    path: path.to_path_buf(),
+                    problems: problems.into_vec(),
+                })
+            }
+        }
+    }
+
+    /// Names of credentials referenced by at least one route, sorted, deduplicated.
+    pub fn used_credentials(&self) -> Vec<&str> {
+        let used: BTreeSet<&str> = self.routes.iter().map(|r| r.credential.as_str()).collect();
+        used.into_iter().collect()
+    }
+}
+
+/// The top-level keys of the file.
+const SECTIONS: [&str; 5] = ["server", "admin", "credentials", "routes", "clients"];
+
+fn build(
+    text: &str,
+    path: &Path,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) -> Option<Config> {
+    let mut root = match toml::from_str::<toml::Table>(text) {
+        Ok(root) => root,
+        Err(e) => {
+            problems.push("", syntax_message(text, &e));
+            return None;
+        }
+    };
+    env::substitute(&mut root, env, problems);
+    for key in root.keys() {
+        if !SECTIONS.contains(&key.as_str()) {
+            problems.push(
+                key_join("", key),
+                format!(
+                    "unknown section; the file has [server], [admin], [credentials.NAME], \
+                     [[routes]] and [[clients]]"
+                ),
+            );
+        }
+    }
+
+    let routes = table_array(root.get("routes"), "routes", problems);
+    let clients = table_array(root.get("clients"), "clients", problems);
+    let credential_items = named_tables(root.get("credentials"), "credentials", problems);
+
+    let mut cx = Cx { base_dir, problems };
+    let server = server::server(root.get("server"), !clients.is_empty(), &mut cx);
+    let admin = server::admin(root.get("admin"), &server, &mut cx);
+
+    let mut credentials = BTreeMap::new();
+    for (name, value) in &credential_items {
+        if let Some(settings) = credentials::credential(name, value, &mut cx) {
+            credentials.insert(name.clone(), settings);
+        }
+    }
+    let credential_names: Vec<&str> = credential_items.iter().map(|(n, _)| n.as_str()).collect();
+    let routes = routes::routes(&routes, &credential_names, &mut cx);
+    let clients = routes::clients(&clients, &routes.prefixes, &mut cx);
+
+    Some(Config {
+        path: path.to_path_buf(),
+        server,
+        admin,
+        credentials,
+        routes: routes.settings,
+        clients,
+    })
+}
+
+/// A TOML syntax error as one line, with its line and column.
+fn syntax_message(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim().replace('\n', " ");
+    match error.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+            format!("TOML syntax error at line {line}, column {column}: {message}")
+        }
+        None => format!("TOML syntax error: {message}"),
+    }
+}
+
+/// `[[NAME]]` items: an array of tables (absent means none).
+fn table_array<'a>(
+    value: Option<&'a toml::Value>,
+    key: &str,
+    problems: &mut Problems,
+) -> Vec<(String, &'a toml::Value)> {
+    let Some(value) = value else {
+        return Vec::new();
+    };
+    let Some(items) = value.as_array() else {
+        problems.push(
+            key,
+            format!("must be an array of tables, written as [[{key}]] sections"),
+        );
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let item_key = format!("{key}[{i}]");
+        if item.is_table() {
+            out.push((item_key, item));
+        } else {
+            problems.push(
+                item_key,
+                format!("must be a table, written as a [[{key}]] section"),
+            );
+        }
+    }
+    out
+}
+
+/// `[NAME.ITEM]` items: a table of tables, by name (absent means none).
+fn named_tables<'a>(
+    value: Option<&'a toml::Value>,
+    key: &str,
+    problems: &mut Problems,
+) -> Vec<(String, &'a toml::Value)> {
+    let Some(value) = value else {
+        return Vec::new();
+    };
+    let Some(table) = value.as_table() else {
+        problems.push(
+            key,
+            format!("must be a table of named sections, written as [{key}.NAME]"),
+        );
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (name, item) in table {
+        if item.is_table() {
+            out.push((name.clone(), item));
+        } else {
+            problems.push(
+                key_join(key, name),
+                format!("must be a table, written as a [{key}.{name}] section"),
+            );
+        }
+    }
+    out
+}
+
+/// What the section converters share: where relative paths start, and the problem list.
+struct Cx<'a> {
+    base_dir: &'a Path,
+    problems: &'a mut Problems,
+}
+
+impl Cx<'_> {
+    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(key, message);
+    }
+
+    /// Resolves a path from the file against the config file's directory.
+    fn resolve(&mut self, key: &str, file: &str) -> Option<PathBuf> {
+        if file.is_empty() {
+            self.problem(key, "is empty; give the path of a file");
+            return None;
+        }
+        Some(self.base_dir.join(file))
+    }
+
+    /// Deserializes an optional section (`[server]`, `[admin]`): absent means all defaults.
+    fn section<T: serde::de::DeserializeOwned + Default>(
+        &mut self,
+        value: Option<&toml::Value>,
+        key: &str,
+        written: &str,
+    ) -> T {
+        match value {
+            None => T::default(),
+            Some(value) if value.is_table() => raw::deserialize_item(value, key, self.problems),
+            Some(_) => {
+                self.problem(
+                    key,
+                    format!("must be a table, written as a {written} section"),
+                );
+                T::default()
+            }
+        }
+    }
+
+    /// A duration key that may be zero; `default` when absent or bad.
+    fn duration(&mut self, key: &str, text: Option<&str>, default: Duration) -> Duration {
+        self.checked_duration(key, text, true).unwrap_or(default)
+    }
+
+    /// A timeout key, which must be more than zero; `default` when absent or bad.
+    fn timeout(&mut self, key: &str, text: Option<&str>, default: Duration) -> Duration {
+        self.checked_duration(key, text, false).unwrap_or(default)
+    }
+
+    /// `None` when absent or bad (the problem is recorded).
+    fn checked_duration(
+        &mut self,
+        key: &str,
+        text: Option<&str>,
+        zero_ok: bool,
+    ) -> Option<Duration> {
+        let text = text?;
+        match parse_duration(text) {
+            Ok(d) if d.is_zero() && !zero_ok => {
+                self.problem(key, format!("\"{text}\" is zero; write e.g. \"30s\""));
+                None
+            }
+            Ok(d) if d > MAX_DURATION => {
+                self.problem(
+                    key,
+                    format!(
+                        "\"{text}\" is longer than a year; write e.g. \"30s\", \"5m\" or \"1h\""
+                    ),
+                );
+                None
+            }
+            Ok(d) => Some(d),
+            Err(message) => {
+                self.problem(key, message);
+                None
+            }
+        }
+    }
+}
+
+/// Longer durations are typos, and would overflow `Instant` arithmetic downstream.
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 60 * 60);
+
+/// The problems found so far, at most one per key (the first is usually the cause of the rest).
+#[derive(Debug, Default)]
+struct Problems {
+    list: Vec<Problem>,
+}
+
+impl Problems {
+    fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        let key = key.into();
+        if self.has(&key) {
+            return;
+        }
+        // Display promises one line per problem.
+        let message = message.into().replace(['\r', '\n'], " ");
+        self.list.push(Problem { key, message });
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.list.iter().any(|p| p.key == key)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    fn into_vec(self) -> Vec<Problem> {
+        self.list
+    }
+}
+
+/// `parent.child`, quoting `child` when it is not a bare TOML key.
+fn key_join(parent: &str, child: &str) -> String {
+    let bare = !child.is_empty()
+        && child
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let child = if bare {
+        child.to_owned()
+    } else {
+        format!("{child:?}")
+    };
+    if parent.is_empty() {
+        child
+    } else {
+        format!("{parent}.{child}")
+    }
+}

@@ -1,0 +1,140 @@
+//! The proxy's own errors and the one place that turns them into JSON responses.
+//!
+//! Every error the pipeline can produce is a [`ProxyError`] variant; [`ProxyError::status`] and
+//! [`ProxyError::code`] are exhaustive matches, so a new variant cannot ship without a status.
+//! The client gets a short, fixed sentence; the full `#[source]` chain is logged once by the
+//! pipeline.
+
+use std::time::Duration;
+
+use http::header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::body::ProxyBody;
+use crate::token::TokenUnavailable;
+
+/// Everything that can go wrong while proxying one request.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// No or a wrong inbound credential.
+    #[error("missing or invalid client credential")]
+    Unauthorized,
+    /// The client may not use this route.
+    #[error("client may not use this route")]
+    Forbidden,
+    /// No route matches the path.
+    #[error("no route matches the request path")]
+    NoRoute,
+    /// The request target is unsafe or malformed.
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    /// `CONNECT` and other methods a reverse proxy does not serve.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// The request body is larger than the proxy accepts.
+    #[error("payload too large")]
+    PayloadTooLarge,
+    /// The route's credential has no valid token.
+    #[error("no valid token for credential")]
+    TokenUnavailable(#[source] TokenUnavailable),
+    /// The proxy is at its connection or request limit.
+    #[error("overloaded")]
+    Overloaded,
+    /// The upstream could not be reached or broke the exchange.
+    #[error("upstream unreachable")]
+    UpstreamUnreachable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The upstream did not send response headers in time.
+    #[error("upstream timed out after {0:?}")]
+    UpstreamTimeout(Duration),
+}
+
+impl ProxyError {
+    /// The HTTP status the client receives.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ProxyError::Forbidden => StatusCode::FORBIDDEN,
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::TokenUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The stable error code of DESIGN.md.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::Unauthorized => "unauthorized",
+            ProxyError::Forbidden => "forbidden",
+            ProxyError::NoRoute => "no_route",
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::MethodNotAllowed => "method_not_allowed",
+            ProxyError::PayloadTooLarge => "payload_too_large",
+            ProxyError::TokenUnavailable(_) => "token_unavailable",
+            ProxyError::Overloaded => "overloaded",
+            ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
+            ProxyError::UpstreamTimeout(_) => "upstream_timeout",
+        }
+    }
+
+    /// One safe sentence for the client: never a secret, a token or an upstream's raw body.
+    fn message(&self) -> &'static str {
+        match self {
+            ProxyError::Unauthorized => "A valid client key or proxy-issued token is required.",
+            ProxyError::Forbidden => "This client may not use this route.",
+            ProxyError::NoRoute => "No route matches this path.",
+            ProxyError::BadRequest(reason) => reason,
+            ProxyError::MethodNotAllowed => "This method is not served by the proxy.",
+            ProxyError::PayloadTooLarge => "The request body is too large.",
+            ProxyError::TokenUnavailable(_) => {
+                "No valid access token is available for this route's credential; retry later."
+            }
+            ProxyError::Overloaded => "The proxy is at its connection limit; retry later.",
+            ProxyError::UpstreamUnreachable(_) => "The upstream could not be reached.",
+            ProxyError::UpstreamTimeout(_) => "The upstream did not answer in time.",
+        }
+    }
+
+    /// The JSON response for this error.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let mut response = json_response(self.status(), self.code(), self.message());
+        let headers = response.headers_mut();
+        match &self {
+            ProxyError::Unauthorized => {
+                headers.insert(
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"sitecore-auth-proxy\""),
+                );
+            }
+            ProxyError::TokenUnavailable(e) => {
+                headers.insert(RETRY_AFTER, HeaderValue::from(e.retry_after_secs()));
+            }
+            ProxyError::Overloaded => {
+                headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ProxyError::MethodNotAllowed => {
+                headers.insert(
+                    http::header::ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+                );
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// `{"error": code, "message": message}` with the given status.
+pub fn json_response(status: StatusCode, code: &str, message: &str) -> Response<ProxyBody> {
+    let body = serde_json::json!({ "error": code, "message": message }).to_string();
+    let mut response = Response::new(ProxyBody::full(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}

@@ -1,0 +1,29 @@
+//! sitecore-auth-proxy: an authenticating reverse proxy for Sitecore's cloud APIs.
+//!
+//! The binary (`main.rs`) is a thin CLI over [`app::start`]; tests and benchmarks use the same
+//! entry point. Module map: `config` (proxy.toml -> validated types), `runtime` (what requests
+//! use), `proxy` (the pipeline), `routes`, `upstream`, `token` (cache, fetch, verify), `server`
+//! (listener and drain), `error` (JSON errors), `emulator` (the built-in Sitecore emulator).
+
+pub mod app;
+pub mod body;
+pub mod config;
+#[cfg(feature = "emulator")]
+pub mod demo;
+#[cfg(feature = "emulator")]
+pub mod emulator;
+pub mod error;
+pub mod proxy;
+pub mod routes;
+pub mod runtime;
+pub mod secret;
+pub mod server;
+pub mod token;
+pub mod upstream;
+
+/// Makes aws-lc-rs the process-wide provider for rustls and jsonwebtoken. Idempotent.
+pub fn install_crypto_providers() {
+    // An `Err` means a provider is installed already, which is what we want.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
+}

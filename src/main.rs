@@ -1,0 +1,333 @@
+//! The `sitecore-auth-proxy` command line: parse arguments, set up logging, run, map exit codes.
+
+use std::io::Read;
+#[cfg(feature = "emulator")]
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use sha2::Digest;
+use sitecore_auth_proxy::app::{self, Options};
+use sitecore_auth_proxy::config::{Config, CredentialSettings};
+use sitecore_auth_proxy::runtime::Runtime;
+use sitecore_auth_proxy::token::Credential;
+
+/// Exit code for an invalid configuration (EX_USAGE, as linkerd does).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sitecore-auth-proxy",
+    version,
+    about = "An authenticating reverse proxy for Sitecore's cloud APIs"
+)]
+struct Cli {
+    /// Configuration file.
+    #[arg(
+        long,
+        global = true,
+        env = "SITECORE_PROXY_CONFIG",
+        default_value = "proxy.toml"
+    )]
+    config: PathBuf,
+    /// Log output format.
+    #[arg(long, global = true, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the configuration and print the route table.
+    Check {
+        /// Also obtain and verify one token per credential (prints expiry and scopes, never the token).
+        #[arg(long)]
+        fetch: bool,
+    },
+    /// Run the built-in Sitecore emulator and the proxy wired to it.
+    #[cfg(feature = "emulator")]
+    Demo {
+        /// Where the proxy listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+    /// Read an inbound API key on stdin and print its SHA-256 for `key_sha256`.
+    HashKey,
+    /// Exit 0 when the admin /healthz answers 200 (container health checks).
+    Healthcheck {
+        /// Admin base URL.
+        #[arg(long, default_value = "http://127.0.0.1:9090")]
+        admin: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command.unwrap_or(Command::Run) {
+            Command::Run => run(&cli.config).await,
+            Command::Check { fetch } => check(&cli.config, fetch).await,
+            #[cfg(feature = "emulator")]
+            Command::Demo { listen } => demo(listen).await,
+            Command::HashKey => hash_key(),
+            Command::Healthcheck { admin } => healthcheck(&admin).await,
+        }
+    })
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+async fn run(path: &std::path::Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let proxy = match app::start(config, Options::default()).await {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{}", sitecore_auth_proxy::token::ErrorChain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    wait_for_stop_signal().await;
+    tracing::info!("shutdown requested");
+    proxy.shutdown();
+    proxy.wait().await;
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn check(path: &std::path::Path, fetch: bool) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    println!("{}: OK", config.path.display());
+    let tls = if config.server.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    println!("listen {} ({tls})", config.server.listen);
+    if let Some(admin) = &config.admin {
+        println!("admin  {}", admin.listen);
+    }
+    println!();
+    let width = config
+        .routes
+        .iter()
+        .map(|r| r.prefix.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    println!("{:width$}  {:<10}  UPSTREAM", "PREFIX", "CREDENTIAL");
+    for route in &config.routes {
+        let kind = match config.credentials.get(&route.credential) {
+            Some(CredentialSettings::OAuth(_)) => "oauth",
+            Some(CredentialSettings::Header(_)) => "header",
+            None => "?",
+        };
+        println!(
+            "{:width$}  {:<10}  {}  ({kind}, timeout {})",
+            route.prefix,
+            route.credential,
+            route.upstream,
+            humantime::format_duration(route.timeout.unwrap_or(config.server.request_timeout)),
+        );
+    }
+    if !config.clients.is_empty() {
+        println!();
+        for client in &config.clients {
+            let routes = client
+                .routes
+                .as_ref()
+                .map_or("all routes".to_owned(), |r| r.join(", "));
+            println!("client {}: {routes}", client.name);
+        }
+    }
+    if !fetch {
+        return ExitCode::SUCCESS;
+    }
+    sitecore_auth_proxy::install_crypto_providers();
+    let config = std::sync::Arc::new(config);
+    let runtime = match Runtime::build(config, &Default::default(), None) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut failed = false;
+    let mut names: Vec<_> = runtime.credentials.keys().cloned().collect();
+    names.sort();
+    for name in names {
+        match runtime.credential(&name) {
+            Some(Credential::OAuth(c)) => {
+                let task = tokio::spawn(std::sync::Arc::clone(c).run_refresher(stop_rx.clone()));
+                match c.token().await {
+                    Ok(token) => {
+                        let left = token
+                            .expires_at
+                            .duration_since(std::time::SystemTime::now())
+                            .unwrap_or_default();
+                        println!(
+                            "credential {name}: token OK, expires in {}, scopes: {}",
+                            humantime::format_duration(std::time::Duration::from_secs(
+                                left.as_secs()
+                            )),
+                            token.scope.as_deref().unwrap_or("-")
+                        );
+                    }
+                    Err(e) => {
+                        failed = true;
+                        println!(
+                            "credential {name}: FAILED ({})",
+                            e.last_error.as_deref().unwrap_or("no token")
+                        );
+                    }
+                }
+                task.abort();
+            }
+            Some(Credential::Header { name: header, .. }) => {
+                println!("credential {name}: static header {header}");
+            }
+            None => {}
+        }
+    }
+    let _ = stop_tx.send(true);
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+#[cfg(feature = "emulator")]
+async fn demo(listen: SocketAddr) -> ExitCode {
+    let demo = match sitecore_auth_proxy::demo::start(listen).await {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("demo: {}", sitecore_auth_proxy::token::ErrorChain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    println!();
+    println!("sitecore-auth-proxy demo: the proxy and the built-in Sitecore emulator are running.");
+    println!("  proxy            http://{}", demo.proxy.local_addr());
+    println!(
+        "  token endpoint   {}  (emulated; the proxy holds the secret)",
+        demo.emulator.token_url()
+    );
+    for (prefix, api) in sitecore_auth_proxy::demo::ROUTES {
+        println!("  route {prefix:<18} -> {}", demo.emulator.api_base(api));
+    }
+    println!();
+    println!("Try these (no token needed; the proxy injects one):");
+    for command in demo.curl_commands() {
+        println!("  {command}");
+    }
+    println!();
+    println!("Press Ctrl-C to stop.");
+    wait_for_stop_signal().await;
+    demo.proxy.shutdown();
+    demo.proxy.wait().await;
+    ExitCode::SUCCESS
+}
+
+fn hash_key() -> ExitCode {
+    let mut input = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut input) {
+        eprintln!("cannot read the key from stdin: {e}");
+        return ExitCode::FAILURE;
+    }
+    let key = input.strip_suffix('\n').unwrap_or(&input);
+    let key = key.strip_suffix('\r').unwrap_or(key);
+    if key.is_empty() {
+        eprintln!("no key on stdin; usage: printf %s \"$KEY\" | sitecore-auth-proxy hash-key");
+        return ExitCode::FAILURE;
+    }
+    println!("{}", hex::encode(sha2::Sha256::digest(key.as_bytes())));
+    ExitCode::SUCCESS
+}
+
+async fn healthcheck(admin: &str) -> ExitCode {
+    let url = format!("{}/healthz", admin.trim_end_matches('/'));
+    let client = match reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(3))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("healthcheck: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match client.get(&url).send().await {
+        Ok(r) if r.status().is_success() => ExitCode::SUCCESS,
+        Ok(r) => {
+            eprintln!("healthcheck: {url} answered {}", r.status());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!(
+                "healthcheck: {url}: {}",
+                sitecore_auth_proxy::token::ErrorChain(&e)
+            );
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! The validated configuration turned into what requests use: route table, credentials with
+//! their token caches, the pooled upstream client. One `Runtime` is swapped in as a whole on
+//! reload, so a request sees one consistent configuration from start to end.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::routes::{Route, RouteTable};
+use crate::token::verify::Jwks;
+use crate::token::{Credential, OAuthCredential, Tuning};
+use crate::upstream::{self, UpstreamClient};
+
+/// What the pipeline reads per request.
+#[derive(Debug)]
+pub struct Runtime {
+    /// The configuration this runtime was built from.
+    pub config: Arc<Config>,
+    /// Routes by prefix.
+    pub routes: RouteTable,
+    /// Credentials by name (only those used by a route).
+    pub credentials: HashMap<String, Credential>,
+    /// The pooled upstream client.
+    pub client: UpstreamClient,
+    /// `server.forwarded_headers`.
+    pub forwarded_headers: bool,
+    /// `server.replay_body_limit`.
+    pub replay_body_limit: u64,
+}
+
+/// Why a runtime could not be built from a valid configuration (TLS roots, header values).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BuildError(pub String);
+
+impl Runtime {
+    /// Builds the runtime. `previous` lends its credentials (and their cached tokens) to
+    /// credentials whose settings did not change.
+    pub fn build(
+        config: Arc<Config>,
+        tuning: &Tuning,
+        previous: Option<&Runtime>,
+    ) -> Result<Runtime, BuildError> {
+        let server = &config.server;
+        let tls = upstream::tls_client_config(&server.upstream_ca)
+            .map_err(|e| BuildError(format!("upstream TLS roots: {e}")))?;
+        let client =
+            upstream::build_client(tls.clone(), server.connect_timeout, server.idle_timeout);
+        let http = token_http_client(tls, server.connect_timeout)?;
+
+        let mut jwks: BTreeMap<String, Arc<Jwks>> = BTreeMap::new();
+        let mut credentials = HashMap::new();
+        for name in config.used_credentials() {
+            let Some(settings) = config.credentials.get(name) else {
+                continue;
+            };
+            let reused = previous
+                .and_then(|p| p.credentials.get(name))
+                .and_then(|c| match c {
+                    Credential::OAuth(old) => match settings {
+                        crate::config::CredentialSettings::OAuth(s) if old.settings() == s => {
+                            Some(Credential::OAuth(Arc::clone(old)))
+                        }
+                        _ => None,
+                    },
+                    Credential::Header { .. } => None,
+                });
+            let credential = match reused {
+                Some(c) => c,
+                None => {
+                    Credential::new(name, settings, &http, &mut jwks, tuning).map_err(BuildError)?
+                }
+            };
+            credentials.insert(name.to_owned(), credential);
+        }
+
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| Route::new(r, server.request_timeout))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(BuildError)?;
+        Ok(Runtime {
+            routes: RouteTable::new(routes),
+            credentials,
+            client,
+            forwarded_headers: server.forwarded_headers,
+            replay_body_limit: server.replay_body_limit,
+            config,
+        })
+    }
+
+    /// The credential named by a route.
+    pub fn credential(&self, name: &str) -> Option<&Credential> {
+        self.credentials.get(name)
+    }
+
+    /// The `oauth` credentials, for refreshers, readiness and status.
+    pub fn oauth_credentials(&self) -> impl Iterator<Item = &Arc<OAuthCredential>> {
+        self.credentials.values().filter_map(|c| match c {
+            Credential::OAuth(c) => Some(c),
+            Credential::Header { .. } => None,
+        })
+    }
+}
+
+/// The HTTP client for token endpoints and JWKS: same trust roots as upstreams, no redirects
+/// (a secret is never sent anywhere but the configured URL), bounded in time.
+fn token_http_client(
+    tls: rustls::ClientConfig,
+    connect_timeout: Duration,
+) -> Result<reqwest::Client, BuildError> {
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .connect_timeout(connect_timeout)
+        .timeout(Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("sitecore-auth-proxy/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| BuildError(format!("token HTTP client: {e}")))
+}

@@ -1,0 +1,130 @@
+//! The client-facing listener: accept loop, connection limit, HTTP/1.1 + HTTP/2 (h2c prior
+//! knowledge) through hyper-util's auto builder, and the graceful drain.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use crate::config::ServerSettings;
+use crate::proxy::{process_request, ConnInfo, PipelineStats};
+use crate::runtime::Runtime;
+
+/// Listener settings fixed for the life of the listener.
+#[derive(Debug, Clone)]
+pub struct ListenerSettings {
+    /// Slowloris guard: time allowed to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// Open client connections allowed at once.
+    pub max_connections: usize,
+    /// How long in-flight requests may take to finish after shutdown begins.
+    pub shutdown_grace: Duration,
+}
+
+impl From<&ServerSettings> for ListenerSettings {
+    fn from(s: &ServerSettings) -> Self {
+        ListenerSettings {
+            header_read_timeout: s.header_read_timeout,
+            max_connections: s.max_connections,
+            shutdown_grace: s.shutdown_grace,
+        }
+    }
+}
+
+/// Written to a connection beyond `max_connections` before it is closed.
+const OVERLOADED_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 83\r\n\r\n\
+{\"error\":\"overloaded\",\"message\":\"The proxy is at its connection limit; retry later.\"}";
+
+/// Serves `listener` until `shutdown` turns true, then drains for up to the grace period.
+pub async fn serve(
+    listener: TcpListener,
+    runtime: Arc<ArcSwap<Runtime>>,
+    stats: Arc<PipelineStats>,
+    settings: ListenerSettings,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .keep_alive(true)
+        .max_buf_size(64 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(64 * 1024)
+        .max_concurrent_streams(256);
+    let graceful = GracefulShutdown::new();
+    let limit = Arc::new(Semaphore::new(settings.max_connections));
+
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let (mut stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; refusing connection");
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    let _ = stream.write_all(OVERLOADED_RESPONSE).await;
+                    let _ = stream.shutdown().await;
+                })
+                .await;
+            });
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let conn_info = ConnInfo { peer, tls: false };
+        let runtime = Arc::clone(&runtime);
+        let stats = Arc::clone(&stats);
+        let service = service_fn(move |req| {
+            let runtime = runtime.load_full();
+            let stats = Arc::clone(&stats);
+            async move { Ok::<_, Infallible>(process_request(runtime, stats, req, conn_info).await) }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "client connection ended with an error");
+            }
+        });
+    }
+
+    // Stop accepting: the listener is dropped before the drain starts.
+    drop(listener);
+    let open = graceful.count();
+    tracing::info!(
+        open_connections = open,
+        grace_s = settings.shutdown_grace.as_secs(),
+        "draining"
+    );
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("drained"),
+        _ = tokio::time::sleep(settings.shutdown_grace) => {
+            tracing::warn!("shutdown grace elapsed; cutting the remaining connections");
+        }
+    }
+}

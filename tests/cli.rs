@@ -1,0 +1,179 @@
+//! The command line: `check` reports every problem at once, `hash-key`, and exit codes.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sitecore-auth-proxy"));
+    cmd.env_remove("SITECORE_PROXY_CONFIG")
+        .env_remove("RUST_LOG");
+    cmd
+}
+
+fn temp_config(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("scap-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
+#[test]
+fn check_reports_every_problem_at_once_with_file_and_key() {
+    let path = temp_config(
+        "bad",
+        r#"
+[server]
+listen = "127.0.0.1:8080"
+request_timeout = "soon"
+colour = "blue"
+
+[credentials.automation]
+client_id = "id"
+client_secret = "${SCAP_TEST_UNSET_SECRET}"
+algorithms = ["HS256"]
+
+[[routes]]
+prefix = "/deploy"
+upstream = "http://xmclouddeploy-api.sitecorecloud.io"
+credential = "automation"
+
+[[routes]]
+prefix = "/deploy"
+upstream = "https://example.com"
+credential = "missing"
+"#,
+    );
+    let output = bin()
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(64), "bad config exits 64");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let file = path.display().to_string();
+    for (key, word) in [
+        ("server.request_timeout", "soon"),
+        ("server.colour", "colour"),
+        (
+            "credentials.automation.client_secret",
+            "SCAP_TEST_UNSET_SECRET",
+        ),
+        ("credentials.automation.algorithms", "HS256"),
+        ("routes[0].upstream", "https"),
+        ("routes[1].credential", "missing"),
+        ("routes[1].prefix", "/deploy"),
+    ] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&file) && l.contains(key) && l.contains(word)),
+            "no line for {key} mentioning {word:?} in:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn check_prints_the_route_table_for_a_good_config() {
+    let path = temp_config(
+        "good",
+        r#"
+[server]
+listen = "127.0.0.1:8080"
+
+[credentials.automation]
+client_id = "id"
+client_secret = "super-secret-value"
+
+[credentials.edge]
+type = "header"
+header = "sc_apikey"
+value = "edge-key-value"
+
+[[routes]]
+prefix = "/authoring"
+upstream = "https://xmc-example.sitecorecloud.io/sitecore/api/authoring/graphql/v1"
+credential = "automation"
+
+[[routes]]
+prefix = "/edge"
+upstream = "https://edge.sitecorecloud.io/api/graphql/v1"
+credential = "edge"
+timeout = "300s"
+"#,
+    );
+    let output = bin()
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("/authoring"));
+    assert!(stdout.contains("xmc-example.sitecorecloud.io"));
+    assert!(stdout.contains("/edge"));
+    assert!(stdout.contains("header"));
+    assert!(
+        stdout.contains("5m"),
+        "the route timeout is shown: {stdout}"
+    );
+    assert!(!stdout.contains("super-secret-value") && !stdout.contains("edge-key-value"));
+}
+
+#[test]
+fn config_path_comes_from_the_environment_too() {
+    let path = temp_config("env", "[server]\nlisten = \"not an address\"\n");
+    let output = bin()
+        .arg("check")
+        .env("SITECORE_PROXY_CONFIG", &path)
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("server.listen"));
+}
+
+#[test]
+fn missing_config_file_is_a_clear_error() {
+    let output = bin()
+        .args(["check", "--config", "/nonexistent/proxy.toml"])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/proxy.toml"));
+}
+
+#[test]
+fn hash_key_prints_the_sha256_of_stdin() {
+    let mut child = bin()
+        .arg("hash-key")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"my-client-key\n")
+        .expect("write");
+    let output = child.wait_with_output().expect("wait");
+    assert!(output.status.success());
+    // sha256("my-client-key"), the trailing newline excluded.
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        hex_sha256(b"my-client-key")
+    );
+}
+
+fn hex_sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
