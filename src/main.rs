@@ -172,7 +172,14 @@ async fn check(path: &std::path::Path, fetch: bool) -> ExitCode {
         .max()
         .unwrap_or(6)
         .max(6);
-    println!("{:width$}  {:<10}  UPSTREAM", "PREFIX", "CREDENTIAL");
+    let cwidth = config
+        .routes
+        .iter()
+        .map(|r| r.credential.len())
+        .max()
+        .unwrap_or(10)
+        .max(10);
+    println!("{:width$}  {:cwidth$}  UPSTREAM", "PREFIX", "CREDENTIAL");
     for route in &config.routes {
         let kind = match config.credentials.get(&route.credential) {
             Some(CredentialSettings::OAuth(_)) => "oauth",
@@ -180,7 +187,7 @@ async fn check(path: &std::path::Path, fetch: bool) -> ExitCode {
             None => "?",
         };
         println!(
-            "{:width$}  {:<10}  {}  ({kind}, timeout {})",
+            "{:width$}  {:cwidth$}  {}  ({kind}, timeout {})",
             route.prefix,
             route.credential,
             route.upstream,

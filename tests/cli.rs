@@ -177,3 +177,26 @@ fn hex_sha256(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))
 }
+
+#[test]
+fn the_repository_example_config_is_valid() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml");
+    let text = std::fs::read_to_string(&path).expect("proxy.toml at the repository root");
+    let config = sitecore_auth_proxy::config::Config::parse(&text, &path, &|name| {
+        Some(format!("value-of-{name}"))
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let prefixes: Vec<&str> = config.routes.iter().map(|r| r.prefix.as_str()).collect();
+    for family in [
+        "/authoring",
+        "/deploy",
+        "/edge-admin",
+        "/edge-token",
+        "/stream/documents",
+    ] {
+        assert!(
+            prefixes.contains(&family),
+            "{family} missing from {prefixes:?}"
+        );
+    }
+}

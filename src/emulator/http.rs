@@ -132,6 +132,14 @@ impl Body for ResponseBody {
     }
 }
 
+/// The status a fault names; anything that is not a final status (200 to 599) becomes 500.
+pub(super) fn fault_status(code: u16) -> StatusCode {
+    StatusCode::from_u16(code)
+        .ok()
+        .filter(|status| (200..=599).contains(&status.as_u16()))
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
 /// A JSON response with this status.
 pub(super) fn json_response(
     status: StatusCode,

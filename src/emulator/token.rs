@@ -17,7 +17,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::http::{json_response, ResponseBody};
+use super::http::{fault_status, json_response, ResponseBody};
 use super::{lock, unix_now, Shared, TokenFault, TokenRequestRecord, DEFAULT_AUDIENCE};
 
 /// Where the token endpoint listens.
@@ -474,7 +474,7 @@ async fn answer(
 ) -> Response<ResponseBody> {
     match &fault {
         Some(TokenFault::Status(code)) => {
-            let status = StatusCode::from_u16(*code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let status = fault_status(*code);
             let description = format!("Emulated failure (status {})", status.as_u16());
             return auth0_error(status, "server_error", &description);
         }

@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
-use super::http::{json_response, ConnectionReset, PatternStream, ResponseBody};
+use super::http::{fault_status, json_response, ConnectionReset, PatternStream, ResponseBody};
 use super::{lock, token, Family, SeenRequest, Shared, UpstreamFault};
 
 /// The pattern repeats every this many bytes (a prime, so it never lines up with chunk sizes).
@@ -84,7 +84,7 @@ pub(super) async fn handle(
         Some(UpstreamFault::Delay(delay)) => tokio::time::sleep(delay).await,
         Some(UpstreamFault::Status(code)) => {
             drain(shared, id, body).await?;
-            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let status = fault_status(code);
             if status == StatusCode::UNAUTHORIZED {
                 return Ok(invalid_token());
             }

@@ -108,6 +108,8 @@ pub struct Jwks {
 struct KeySet {
     keys: HashMap<String, DecodingKey>,
     fetched_at: Option<Instant>,
+    /// Last refetch caused by an unknown `kid`.
+    kid_refetch_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for KeySet {
@@ -143,12 +145,15 @@ impl Jwks {
     }
 
     /// The key for `kid`, refetching the set when it is stale or does not know the `kid`.
+    ///
+    /// Refetches caused by unknown `kid`s are limited to one per `min_refetch_interval`, so a
+    /// stream of tokens with made-up `kid`s cannot hammer the JWKS endpoint; the scheduled and
+    /// first fetches do not count against that limit.
     async fn key(&self, kid: &str) -> Result<DecodingKey, VerifyError> {
         let requested_at = Instant::now();
         {
             let set = self.keys.load();
-            let fresh = set.fetched_at.is_some_and(|t| t.elapsed() < self.max_age);
-            if fresh {
+            if self.is_fresh(&set) {
                 if let Some(key) = set.keys.get(kid) {
                     return Ok(key.clone());
                 }
@@ -157,30 +162,42 @@ impl Jwks {
         // One refetch at a time; whoever waited behind it uses its result.
         let _guard = self.refetch.lock().await;
         let set = self.keys.load_full();
-        let recently = set
-            .fetched_at
-            .is_some_and(|t| t >= requested_at || t.elapsed() < self.min_refetch_interval);
-        if !recently {
-            match self.fetch().await {
-                Ok(new_set) => self.keys.store(Arc::new(new_set)),
-                Err(e) => {
-                    tracing::warn!(jwks_url = %self.url, error = %e, "JWKS fetch failed");
-                    // A key from the previous (verified-source) set still verifies signatures;
-                    // with none, nothing is accepted.
-                    return set
-                        .keys
-                        .get(kid)
-                        .cloned()
-                        .ok_or(VerifyError::JwksUnavailable);
-                }
+        if set.fetched_at.is_some_and(|t| t >= requested_at) {
+            return set.keys.get(kid).cloned().ok_or(VerifyError::UnknownKid);
+        }
+        let for_unknown_kid = self.is_fresh(&set);
+        if for_unknown_kid
+            && set
+                .kid_refetch_at
+                .is_some_and(|t| t.elapsed() < self.min_refetch_interval)
+        {
+            return Err(VerifyError::UnknownKid);
+        }
+        match self.fetch().await {
+            Ok(mut new_set) => {
+                new_set.kid_refetch_at = if for_unknown_kid {
+                    Some(Instant::now())
+                } else {
+                    set.kid_refetch_at
+                };
+                let key = new_set.keys.get(kid).cloned();
+                self.keys.store(Arc::new(new_set));
+                key.ok_or(VerifyError::UnknownKid)
+            }
+            Err(e) => {
+                tracing::warn!(jwks_url = %self.url, error = %e, "JWKS fetch failed");
+                // A key from the previous set (fetched from the same configured URL) still
+                // verifies signatures; with none, nothing is accepted.
+                set.keys
+                    .get(kid)
+                    .cloned()
+                    .ok_or(VerifyError::JwksUnavailable)
             }
         }
-        self.keys
-            .load()
-            .keys
-            .get(kid)
-            .cloned()
-            .ok_or(VerifyError::UnknownKid)
+    }
+
+    fn is_fresh(&self, set: &KeySet) -> bool {
+        set.fetched_at.is_some_and(|t| t.elapsed() < self.max_age)
     }
 
     async fn fetch(&self) -> Result<KeySet, Box<dyn std::error::Error + Send + Sync>> {
@@ -214,6 +231,7 @@ impl Jwks {
         Ok(KeySet {
             keys,
             fetched_at: Some(Instant::now()),
+            kid_refetch_at: None,
         })
     }
 
