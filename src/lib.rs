@@ -13,11 +13,13 @@ pub mod demo;
 #[cfg(feature = "emulator")]
 pub mod emulator;
 pub mod error;
+pub mod inbound;
 pub mod proxy;
 pub mod routes;
 pub mod runtime;
 pub mod secret;
 pub mod server;
+pub mod tls;
 pub mod token;
 pub mod upstream;
 

@@ -29,6 +29,7 @@ use hyper::body::Incoming;
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
+use crate::inbound::{ClientIdentity, Clients};
 use crate::routes::{check_path, PathError, Route};
 use crate::runtime::Runtime;
 use crate::token::{Credential, ErrorChain, Token};
@@ -57,6 +58,7 @@ pub struct PipelineStats {
 /// What the access log records about one request.
 struct Outcome {
     route: Option<Arc<Route>>,
+    client: Option<Arc<str>>,
     upstream_status: Option<u16>,
 }
 
@@ -75,6 +77,7 @@ pub async fn process_request(
     let path = req.uri().path().to_owned();
     let mut outcome = Outcome {
         route: None,
+        client: None,
         upstream_status: None,
     };
     let response = match proxy(&runtime, &stats, req, conn, &mut outcome).await {
@@ -99,6 +102,7 @@ pub async fn process_request(
         target: "access",
         %method,
         %path,
+        client = outcome.client.as_deref().unwrap_or("-"),
         route = route.map_or("-", |r| r.prefix.as_str()),
         credential = route.map_or("-", |r| r.credential.as_str()),
         status = response.status().as_u16(),
@@ -133,13 +137,31 @@ async fn proxy(
         })
     })?;
 
-    // 3. route. (2, inbound authentication, arrives with [[clients]].)
+    // 2. inbound authentication. The local token endpoint authenticates by its body.
+    let mut req = req;
+    if let Some(clients) = &rt.clients {
+        if rt.token_endpoint.as_deref() == Some(req.uri().path()) {
+            return local_token_endpoint(clients, req).await;
+        }
+        let identity = clients
+            .authenticate(req.headers())
+            .map_err(|_| ProxyError::Unauthorized)?;
+        outcome.client = Some(Arc::clone(&identity.name));
+        req.extensions_mut().insert(identity);
+    }
+
+    // 3. route
     let route = Arc::clone(
         rt.routes
             .find(req.uri().path())
             .ok_or(ProxyError::NoRoute)?,
     );
     outcome.route = Some(Arc::clone(&route));
+    if let Some(identity) = req.extensions().get::<Arc<ClientIdentity>>() {
+        if !identity.may_use(&route.prefix) {
+            return Err(ProxyError::Forbidden);
+        }
+    }
 
     // 4. credential
     let credential = rt
@@ -225,6 +247,40 @@ async fn proxy(
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, ProxyBody::Incoming(body)))
+}
+
+/// Largest body the local token endpoint reads.
+const TOKEN_REQUEST_LIMIT: usize = 64 * 1024;
+
+async fn local_token_endpoint(
+    clients: &Clients,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    if req.method() != Method::POST {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = http_body_util::Limited::new(req.into_body(), TOKEN_REQUEST_LIMIT)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                ProxyError::PayloadTooLarge
+            } else {
+                ProxyError::BadRequest("The request body could not be read.")
+            }
+        })?
+        .to_bytes();
+    Ok(clients.token_endpoint(content_type.as_deref(), authorization.as_deref(), &body))
 }
 
 /// After a 401: a token other than `used`, or `None` when no replay should happen.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::Config;
+use crate::inbound::Clients;
 use crate::routes::{Route, RouteTable};
 use crate::token::verify::Jwks;
 use crate::token::{Credential, OAuthCredential, Tuning};
@@ -27,6 +28,12 @@ pub struct Runtime {
     pub forwarded_headers: bool,
     /// `server.replay_body_limit`.
     pub replay_body_limit: u64,
+    /// Inbound clients; `None` when the config has no `[[clients]]`.
+    pub clients: Option<Clients>,
+    /// Path of the local token endpoint, when it is on and there are clients.
+    pub token_endpoint: Option<String>,
+    /// TLS termination, when `tls_cert`/`tls_key` are set.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Why a runtime could not be built from a valid configuration (TLS roots, header values).
@@ -81,7 +88,18 @@ impl Runtime {
             .map(|r| Route::new(r, server.request_timeout))
             .collect::<Result<Vec<_>, _>>()
             .map_err(BuildError)?;
+        let tls = server
+            .tls
+            .as_ref()
+            .map(crate::tls::server_config)
+            .transpose()
+            .map_err(|e| BuildError(format!("server TLS: {e}")))?;
+        let clients = Clients::from_config(&config);
+        let token_endpoint = clients.as_ref().and(server.token_endpoint.clone());
         Ok(Runtime {
+            clients,
+            token_endpoint,
+            tls,
             routes: RouteTable::new(routes),
             credentials,
             client,

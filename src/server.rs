@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -44,6 +44,28 @@ const OVERLOADED_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
 content-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 83\r\n\r\n\
 {\"error\":\"overloaded\",\"message\":\"The proxy is at its connection limit; retry later.\"}";
 
+/// Serves one client connection (plain or TLS) until it closes or the drain ends it.
+async fn serve_one<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+    io: TokioIo<I>,
+    runtime: Arc<ArcSwap<Runtime>>,
+    stats: Arc<PipelineStats>,
+    info: ConnInfo,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let runtime = runtime.load_full();
+        let stats = Arc::clone(&stats);
+        async move { Ok::<_, Infallible>(process_request(runtime, stats, req, info).await) }
+    });
+    let connection = watcher.watch(builder.serve_connection(io, service).into_owned());
+    if let Err(e) = connection.await {
+        tracing::debug!(peer = %info.peer, error = %e, "client connection ended with an error");
+    }
+}
+
 /// Serves `listener` until `shutdown` turns true, then drains for up to the grace period.
 pub async fn serve(
     listener: TcpListener,
@@ -64,6 +86,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .max_header_list_size(64 * 1024)
         .max_concurrent_streams(256);
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(settings.max_connections));
 
@@ -93,22 +116,58 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let conn_info = ConnInfo { peer, tls: false };
+        let current = runtime.load_full();
+        let tls = current.tls.clone();
+        drop(current);
         let runtime = Arc::clone(&runtime);
         let stats = Arc::clone(&stats);
-        let service = service_fn(move |req| {
-            let runtime = runtime.load_full();
-            let stats = Arc::clone(&stats);
-            async move { Ok::<_, Infallible>(process_request(runtime, stats, req, conn_info).await) }
-        });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let builder = Arc::clone(&builder);
+        let watcher = graceful.watcher();
+        let handshake_timeout = settings.header_read_timeout;
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = connection.await {
-                tracing::debug!(%peer, error = %e, "client connection ended with an error");
+            match tls {
+                None => {
+                    let info = ConnInfo { peer, tls: false };
+                    serve_one(
+                        &builder,
+                        watcher,
+                        TokioIo::new(stream),
+                        runtime,
+                        stats,
+                        info,
+                    )
+                    .await;
+                }
+                Some(config) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                    let stream = match tokio::time::timeout(
+                        handshake_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let info = ConnInfo { peer, tls: true };
+                    serve_one(
+                        &builder,
+                        watcher,
+                        TokioIo::new(stream),
+                        runtime,
+                        stats,
+                        info,
+                    )
+                    .await;
+                }
             }
         });
     }

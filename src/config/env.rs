@@ -71,10 +71,11 @@ pub(super) fn expand(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result
             rest = tail;
         } else if let Some(reference) = after.strip_prefix('{') {
             let Some(end) = reference.find('}') else {
-                return Err(format!(
-                    "unterminated \"${{\" (write ${{NAME}} for an environment variable, or $$ for \
-                     a literal $)"
-                ));
+                return Err(
+                    "unterminated \"${\" (write ${NAME} for an environment variable, or \
+                            $$ for a literal $)"
+                        .to_owned(),
+                );
             };
             let name = &reference[..end];
             if !is_variable_name(name) {

@@ -135,6 +135,8 @@ pub struct AdminSettings {
 
 /// One named credential (`[credentials.NAME]`).
 #[derive(Debug, Clone, PartialEq)]
+// A few credentials, built once per load: boxing would only make every match noisier.
+#[allow(clippy::large_enum_variant)]
 pub enum CredentialSettings {
     /// `type = "oauth"` (the default): client credentials exchanged for verified JWTs.
     OAuth(OAuthSettings),
@@ -344,10 +346,8 @@ fn build(
         if !SECTIONS.contains(&key.as_str()) {
             problems.push(
                 key_join("", key),
-                format!(
-                    "unknown section; the file has [server], [admin], [credentials.NAME], \
-                     [[routes]] and [[clients]]"
-                ),
+                "unknown section; the file has [server], [admin], [credentials.NAME], [[routes]] \
+                 and [[clients]]",
             );
         }
     }

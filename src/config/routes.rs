@@ -213,7 +213,7 @@ pub(super) fn clients(
             }
         });
 
-        let routes = raw.routes.map(|routes| {
+        if let Some(routes) = &raw.routes {
             for (i, prefix) in routes.iter().enumerate() {
                 if !prefixes.contains(prefix) {
                     let known = if prefixes.is_empty() {
@@ -227,14 +227,13 @@ pub(super) fn clients(
                     );
                 }
             }
-            routes
-        });
+        }
 
         if let (Some(name), Some(key_sha256)) = (name, hash) {
             out.push(ClientSettings {
                 name,
                 key_sha256,
-                routes,
+                routes: raw.routes,
             });
         }
     }

@@ -64,7 +64,7 @@ pub(super) async fn handle(
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let seen = seen_request(family, &request);
     // The check is pure, so it runs before recording (to fill `token_valid`) but is acted on
-    // only after the fault, as the brief orders it.
+    // only after the fault: a faulted request is answered by the fault whatever its token.
     let client_id = seen
         .authorization
         .as_deref()

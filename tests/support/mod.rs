@@ -1,6 +1,8 @@
 //! Shared test harness: the built-in emulator and the proxy, in-process on 127.0.0.1:0.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::path::Path;
 use std::time::Duration;
 

@@ -1,0 +1,35 @@
+//! TLS termination: the rustls server configuration built from `[server]` TLS settings.
+//!
+//! It lives in the `Runtime`, so a reload that re-reads the certificate files swaps it for new
+//! connections while established ones keep theirs.
+
+use std::sync::Arc;
+
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+
+use crate::config::TlsSettings;
+
+/// Builds the server configuration: HTTP/2 and HTTP/1.1 by ALPN, and client certificates
+/// required when `client_ca` is set.
+pub fn server_config(settings: &TlsSettings) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()?;
+    let builder = if settings.client_ca.is_empty() {
+        builder.with_no_client_auth()
+    } else {
+        let mut roots = RootCertStore::empty();
+        for cert in &settings.client_ca {
+            roots.add(cert.clone())?;
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| rustls::Error::General(format!("client_ca: {e}")))?;
+        builder.with_client_cert_verifier(verifier)
+    };
+    let mut config =
+        builder.with_single_cert(settings.cert_chain.clone(), settings.key.clone_key())?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
