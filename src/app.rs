@@ -1,14 +1,19 @@
 //! Assembling and running the proxy: the entry point shared by `main`, tests and benchmarks.
+//! Also owns the operations: reload (swap the whole `Runtime`), readiness, and the drain.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
+use crate::metrics::{Metrics, OutcomeLabels};
 use crate::proxy::PipelineStats;
 use crate::runtime::{BuildError, Runtime};
 use crate::server::{self, ListenerSettings};
@@ -20,7 +25,7 @@ pub enum StartError {
     /// The runtime could not be built from the configuration.
     #[error(transparent)]
     Build(#[from] BuildError),
-    /// The listen address could not be bound.
+    /// A listen address could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {
         /// The address.
@@ -31,6 +36,17 @@ pub enum StartError {
     },
 }
 
+/// Why a reload was refused; the old configuration keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new file is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The new configuration is valid but could not be built (TLS material, header values).
+    #[error(transparent)]
+    Build(#[from] BuildError),
+}
+
 /// Options that are not part of `proxy.toml`.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -38,56 +54,172 @@ pub struct Options {
     pub tuning: Tuning,
 }
 
+/// State shared by the listeners, the admin endpoints and reload.
+#[derive(Debug)]
+pub struct Shared {
+    /// The runtime currently serving; swapped whole on reload.
+    pub runtime: Arc<ArcSwap<Runtime>>,
+    /// Pipeline counters.
+    pub stats: Arc<PipelineStats>,
+    /// Prometheus families.
+    pub metrics: Arc<Metrics>,
+    /// Set the moment shutdown begins (`/readyz` turns 503).
+    pub shutting_down: AtomicBool,
+    /// Process start.
+    pub started_at: SystemTime,
+    tuning: Tuning,
+    refreshers: Mutex<Vec<(Arc<OAuthCredential>, JoinHandle<()>)>>,
+    refresher_stop: watch::Receiver<bool>,
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+impl Shared {
+    /// Starts a refresher for every `oauth` credential of `runtime` that has none, and stops
+    /// those whose credential is gone. Reused credentials keep theirs (and their token).
+    fn sync_refreshers(&self, runtime: &Runtime) {
+        let Ok(mut refreshers) = self.refreshers.lock() else {
+            return;
+        };
+        let wanted: Vec<&Arc<OAuthCredential>> = runtime.oauth_credentials().collect();
+        refreshers.retain(|(credential, task)| {
+            let keep = wanted.iter().any(|w| Arc::ptr_eq(w, credential));
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for credential in wanted {
+            if !refreshers.iter().any(|(c, _)| Arc::ptr_eq(c, credential)) {
+                let task =
+                    tokio::spawn(Arc::clone(credential).run_refresher(self.refresher_stop.clone()));
+                refreshers.push((Arc::clone(credential), task));
+            }
+        }
+    }
+
+    fn stop_refreshers(&self) {
+        if let Ok(refreshers) = self.refreshers.lock() {
+            for (_, task) in refreshers.iter() {
+                task.abort();
+            }
+        }
+    }
+
+    /// Whether `/readyz` should answer 200, and if not, why.
+    pub fn readiness(&self) -> Result<(), Vec<String>> {
+        let mut reasons = Vec::new();
+        if self.shutting_down.load(Ordering::Acquire) {
+            reasons.push("shutting down".to_owned());
+        }
+        let runtime = self.runtime.load();
+        let mut credentials: Vec<_> = runtime.oauth_credentials().collect();
+        credentials.sort_by(|a, b| a.name().cmp(b.name()));
+        for credential in credentials {
+            if credential.current().is_none() {
+                let status = credential.status();
+                reasons.push(match status.last_error {
+                    Some(code) => format!(
+                        "credential {} has no valid token (last error: {code})",
+                        credential.name()
+                    ),
+                    None => format!("credential {} has no valid token yet", credential.name()),
+                });
+            }
+        }
+        if reasons.is_empty() {
+            Ok(())
+        } else {
+            Err(reasons)
+        }
+    }
+}
+
 /// A running proxy.
 #[derive(Debug)]
 pub struct RunningProxy {
     addr: SocketAddr,
-    runtime: Arc<ArcSwap<Runtime>>,
-    stats: Arc<PipelineStats>,
+    admin_addr: Option<SocketAddr>,
+    shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
-    refreshers: Vec<(Arc<OAuthCredential>, JoinHandle<()>)>,
+    admin_stop: watch::Sender<bool>,
+    refresher_stop: watch::Sender<bool>,
     server: JoinHandle<()>,
+    admin: Option<JoinHandle<()>>,
 }
 
-/// Builds the runtime, binds the listener, starts one refresher per `oauth` credential (each
+/// Builds the runtime, binds the listeners, starts one refresher per `oauth` credential (each
 /// fetches its first token at once) and starts serving.
 pub async fn start(config: Config, options: Options) -> Result<RunningProxy, StartError> {
     crate::install_crypto_providers();
+    let metrics = Arc::new(Metrics::new());
     let config = Arc::new(config);
-    let runtime = Runtime::build(Arc::clone(&config), &options.tuning, None)?;
-    let addr = config.server.listen;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| StartError::Bind { addr, source })?;
+    let runtime = Runtime::build(Arc::clone(&config), &options.tuning, &metrics, None)?;
+    let listener = bind(config.server.listen).await?;
+    let addr = local_addr(&listener, config.server.listen)?;
+    let admin_listener = match &config.admin {
+        Some(admin) => Some(bind(admin.listen).await?),
+        None => None,
+    };
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let refreshers = runtime
-        .oauth_credentials()
-        .map(|c| {
-            let task = tokio::spawn(Arc::clone(c).run_refresher(shutdown_rx.clone()));
-            (Arc::clone(c), task)
-        })
-        .collect();
-    let runtime = Arc::new(ArcSwap::from_pointee(runtime));
-    let stats = Arc::new(PipelineStats::default());
+    let (admin_stop, admin_stop_rx) = watch::channel(false);
+    let (refresher_stop, refresher_stop_rx) = watch::channel(false);
+    let stats = Arc::new(PipelineStats::new(Arc::clone(&metrics)));
+    let shared = Arc::new(Shared {
+        runtime: Arc::new(ArcSwap::from_pointee(runtime)),
+        stats: Arc::clone(&stats),
+        metrics,
+        shutting_down: AtomicBool::new(false),
+        started_at: SystemTime::now(),
+        tuning: options.tuning,
+        refreshers: Mutex::new(Vec::new()),
+        refresher_stop: refresher_stop_rx,
+        reload_lock: tokio::sync::Mutex::new(()),
+    });
+    shared.sync_refreshers(&shared.runtime.load());
+
+    let (admin_addr, admin) = match admin_listener {
+        Some(listener) => {
+            let admin_addr = local_addr(&listener, listener.local_addr().ok().unwrap_or(addr))?;
+            let task = tokio::spawn(crate::admin::serve(
+                listener,
+                Arc::clone(&shared),
+                admin_stop_rx,
+            ));
+            tracing::info!(addr = %admin_addr, "admin listening");
+            (Some(admin_addr), Some(task))
+        }
+        None => (None, None),
+    };
     let server = tokio::spawn(server::serve(
         listener,
-        Arc::clone(&runtime),
-        Arc::clone(&stats),
+        Arc::clone(&shared.runtime),
+        stats,
         ListenerSettings::from(&config.server),
         shutdown_rx,
     ));
-    tracing::info!(%addr, routes = config.routes.len(), "proxy listening");
+    tracing::info!(%addr, routes = config.routes.len(), tls = config.server.tls.is_some(), "proxy listening");
     Ok(RunningProxy {
         addr,
-        runtime,
-        stats,
+        admin_addr,
+        shared,
         shutdown,
-        refreshers,
+        admin_stop,
+        refresher_stop,
         server,
+        admin,
     })
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartError> {
+    listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })
 }
 
 impl RunningProxy {
@@ -96,34 +228,108 @@ impl RunningProxy {
         self.addr
     }
 
+    /// The bound address of the admin listener, when configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
     /// The runtime currently serving.
     pub fn runtime(&self) -> Arc<Runtime> {
-        self.runtime.load_full()
+        self.shared.runtime.load_full()
+    }
+
+    /// Shared state (metrics, readiness).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// Pipeline counters (in-flight gauge, requests, replays).
     pub fn stats(&self) -> &PipelineStats {
-        &self.stats
+        &self.shared.stats
     }
 
-    /// The `oauth` credential of that name, for status and tests.
+    /// The `oauth` credential of that name in the current runtime.
     pub fn credential(&self, name: &str) -> Option<Arc<OAuthCredential>> {
-        self.refreshers
-            .iter()
-            .find(|(c, _)| c.name() == name)
-            .map(|(c, _)| Arc::clone(c))
+        self.runtime()
+            .oauth_credentials()
+            .find(|c| c.name() == name)
+            .cloned()
     }
 
-    /// Begins the graceful shutdown: stop accepting, drain, stop refreshers.
+    /// Swaps in a new configuration atomically: requests in flight finish on the old runtime,
+    /// new ones use the new one. Credentials whose settings did not change keep their tokens.
+    /// The listen addresses and listener limits are fixed at start; changing them needs a
+    /// restart (logged).
+    pub async fn reload(&self, config: Config) -> Result<(), ReloadError> {
+        let _serialised = self.shared.reload_lock.lock().await;
+        let current = self.shared.runtime.load_full();
+        let result = Runtime::build(
+            Arc::new(config),
+            &self.shared.tuning,
+            &self.shared.metrics,
+            Some(&current),
+        );
+        let runtime = match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.count_reload("error");
+                return Err(e.into());
+            }
+        };
+        let (old, new) = (&current.config, &runtime.config);
+        if old.server.listen != new.server.listen
+            || old.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen)
+            || ListenerSettings::from(&old.server) != ListenerSettings::from(&new.server)
+        {
+            tracing::warn!("listen addresses and listener limits change only on restart");
+        }
+        let runtime = Arc::new(runtime);
+        self.shared.runtime.store(Arc::clone(&runtime));
+        self.shared.sync_refreshers(&runtime);
+        self.count_reload("success");
+        tracing::info!(
+            routes = runtime.config.routes.len(),
+            "configuration reloaded"
+        );
+        Ok(())
+    }
+
+    /// Re-reads `path` (and every file it names) and reloads; an invalid file is refused and
+    /// counted, and the old configuration keeps serving.
+    pub async fn reload_from(&self, path: &Path) -> Result<(), ReloadError> {
+        match Config::load(path) {
+            Ok(config) => self.reload(config).await,
+            Err(e) => {
+                self.count_reload("error");
+                Err(e.into())
+            }
+        }
+    }
+
+    fn count_reload(&self, outcome: &'static str) {
+        self.shared
+            .metrics
+            .config_reloads
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// Begins the graceful shutdown: `/readyz` turns 503 at once, the listener stops accepting,
+    /// in-flight requests drain for up to `shutdown_grace`.
     pub fn shutdown(&self) {
+        self.shared.shutting_down.store(true, Ordering::Release);
         self.shutdown.send_replace(true);
     }
 
-    /// Waits until the listener has drained (after [`RunningProxy::shutdown`]).
+    /// Waits until the listener has drained (after [`RunningProxy::shutdown`]), then stops the
+    /// refreshers and the admin listener.
     pub async fn wait(mut self) {
         let _ = (&mut self.server).await;
-        for (_, task) in &self.refreshers {
-            task.abort();
+        self.refresher_stop.send_replace(true);
+        self.shared.stop_refreshers();
+        self.admin_stop.send_replace(true);
+        if let Some(admin) = self.admin.take() {
+            let _ = admin.await;
         }
     }
 }
@@ -131,8 +337,12 @@ impl RunningProxy {
 impl Drop for RunningProxy {
     fn drop(&mut self) {
         self.shutdown.send_replace(true);
-        for (_, task) in &self.refreshers {
-            task.abort();
+        self.refresher_stop.send_replace(true);
+        self.admin_stop.send_replace(true);
+        self.shared.stop_refreshers();
+        self.server.abort();
+        if let Some(admin) = &self.admin {
+            admin.abort();
         }
     }
 }

@@ -5,6 +5,7 @@
 //! use), `proxy` (the pipeline), `routes`, `upstream`, `token` (cache, fetch, verify), `server`
 //! (listener and drain), `error` (JSON errors), `emulator` (the built-in Sitecore emulator).
 
+pub mod admin;
 pub mod app;
 pub mod body;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod demo;
 pub mod emulator;
 pub mod error;
 pub mod inbound;
+pub mod metrics;
 pub mod proxy;
 pub mod routes;
 pub mod runtime;

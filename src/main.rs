@@ -127,11 +127,71 @@ async fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    wait_for_stop_signal().await;
-    tracing::info!("shutdown requested");
+    let mut signals = Signals::new();
+    loop {
+        match signals.next().await {
+            Signal::Reload => {
+                tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
+                if let Err(e) = proxy.reload_from(path).await {
+                    for line in e.to_string().lines() {
+                        tracing::error!(
+                            problem = line,
+                            "reload refused; the previous configuration keeps serving"
+                        );
+                    }
+                }
+            }
+            Signal::Stop => break,
+        }
+    }
+    tracing::info!("shutdown requested; draining");
     proxy.shutdown();
     proxy.wait().await;
+    tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+enum Signal {
+    Reload,
+    Stop,
+}
+
+/// SIGHUP (reload) and SIGTERM/SIGINT (stop), registered once so none is missed between waits.
+struct Signals {
+    #[cfg(unix)]
+    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let streams = match (
+                signal(SignalKind::hangup()),
+                signal(SignalKind::terminate()),
+            ) {
+                (Ok(hup), Ok(term)) => Some((hup, term)),
+                _ => None,
+            };
+            Signals { streams }
+        }
+        #[cfg(not(unix))]
+        Signals {}
+    }
+
+    async fn next(&mut self) -> Signal {
+        #[cfg(unix)]
+        if let Some((hup, term)) = &mut self.streams {
+            return tokio::select! {
+                _ = hup.recv() => Signal::Reload,
+                _ = term.recv() => Signal::Stop,
+                _ = tokio::signal::ctrl_c() => Signal::Stop,
+            };
+        }
+        let _ = tokio::signal::ctrl_c().await;
+        Signal::Stop
+    }
 }
 
 async fn wait_for_stop_signal() {
@@ -209,7 +269,7 @@ async fn check(path: &std::path::Path, fetch: bool) -> ExitCode {
     }
     sitecore_auth_proxy::install_crypto_providers();
     let config = std::sync::Arc::new(config);
-    let runtime = match Runtime::build(config, &Default::default(), None) {
+    let runtime = match Runtime::build(config, &Default::default(), &Default::default(), None) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("{e}");

@@ -1,16 +1,17 @@
 //! The request pipeline. [`process_request`] owns the order of the phases:
 //!
 //! 1. `request_filter`: method and request-target safety (`CONNECT` 405, dot segments 400),
-//! 2. inbound authentication (clients; see `inbound`),
-//! 3. `route`: longest segment-prefix match (404),
+//! 2. `inbound_auth`: client key or issued token (401), the local token endpoint,
+//! 3. `route`: longest segment-prefix match (404), client permission (403),
 //! 4. `credential`: a verified token from the cache, never waiting unless cold (503),
 //! 5. `upstream_request`: path rewrite, header hygiene, credential header,
 //! 6. `forward`: send with the route's timeout (502/504),
 //! 7. `upstream_401`: invalidate the used token, fetch one fresh token, replay once,
-//! 8. `response_filter`: hop-by-hop headers removed.
+//! 8. `response_filter`: hop-by-hop headers removed, `Location` rewritten.
 //!
 //! Errors become JSON in one place ([`ProxyError::into_response`]); the full error chain is logged
-//! once, here.
+//! once, here. The access-log line and the request metrics are written when the response body
+//! ends (see [`TrackedBody`]), so duration and bytes cover streamed responses too.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -20,9 +21,9 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -30,10 +31,11 @@ use hyper::body::Incoming;
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::inbound::{ClientIdentity, Clients};
+use crate::metrics::{Metrics, RequestLabels, RouteLabels, UpstreamErrorLabels};
 use crate::routes::{check_path, PathError, Route};
 use crate::runtime::Runtime;
-use crate::token::{Credential, ErrorChain, Token};
-use crate::upstream::{strip_hop_by_hop, strip_inbound_credentials};
+use crate::token::{Credential, ErrorChain, OAuthCredential, Token};
+use crate::upstream::{rewrite_location, strip_hop_by_hop, strip_inbound_credentials};
 
 /// Per-connection facts the pipeline needs.
 #[derive(Debug, Clone, Copy)]
@@ -44,8 +46,8 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
-/// Live counters of the pipeline (the admin endpoint exports them).
-#[derive(Debug, Default)]
+/// Live counters of the pipeline and the process's metrics.
+#[derive(Debug)]
 pub struct PipelineStats {
     /// Requests whose response has not finished streaming.
     pub inflight: AtomicI64,
@@ -53,9 +55,27 @@ pub struct PipelineStats {
     pub requests: AtomicU64,
     /// Requests replayed after an upstream 401.
     pub replays: AtomicU64,
+    /// The Prometheus families.
+    pub metrics: Arc<Metrics>,
 }
 
-/// What the access log records about one request.
+impl PipelineStats {
+    /// Counters at zero, recording into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> PipelineStats {
+        PipelineStats {
+            inflight: AtomicI64::new(0),
+            requests: AtomicU64::new(0),
+            replays: AtomicU64::new(0),
+            metrics,
+        }
+    }
+}
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static NO_LABEL: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("-"));
+
+/// What the access log and the metrics record about one request.
+#[derive(Debug, Default)]
 struct Outcome {
     route: Option<Arc<Route>>,
     client: Option<Arc<str>>,
@@ -66,60 +86,65 @@ struct Outcome {
 pub async fn process_request(
     runtime: Arc<Runtime>,
     stats: Arc<PipelineStats>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     conn: ConnInfo,
 ) -> Response<TrackedBody> {
     let started = Instant::now();
     stats.requests.fetch_add(1, Ordering::Relaxed);
-    let guard = InflightGuard::new(Arc::clone(&stats));
+    stats.inflight.fetch_add(1, Ordering::Relaxed);
+    let request_id = request_id(req.headers());
+    req.headers_mut()
+        .insert(X_REQUEST_ID.clone(), request_id.clone());
     let method = req.method().clone();
     // The path only: query strings may carry secrets and are never logged.
-    let path = req.uri().path().to_owned();
-    let mut outcome = Outcome {
-        route: None,
-        client: None,
-        upstream_status: None,
-    };
-    let response = match proxy(&runtime, &stats, req, conn, &mut outcome).await {
+    let path: Box<str> = req.uri().path().into();
+    let mut outcome = Outcome::default();
+    let mut response = match proxy(&runtime, &stats, req, conn, &mut outcome).await {
         Ok(response) => response,
         Err(error) => {
-            let level_warn = matches!(
-                error,
-                ProxyError::UpstreamUnreachable(_)
-                    | ProxyError::UpstreamTimeout(_)
-                    | ProxyError::TokenUnavailable(_)
-            );
-            if level_warn {
-                tracing::warn!(%method, %path, error = %ErrorChain(&error), "request failed");
+            let kind = match &error {
+                ProxyError::UpstreamUnreachable(_) => Some("unreachable"),
+                ProxyError::UpstreamTimeout(_) => Some("timeout"),
+                _ => None,
+            };
+            if let (Some(kind), Some(route)) = (kind, &outcome.route) {
+                stats
+                    .metrics
+                    .upstream_errors
+                    .get_or_create(&UpstreamErrorLabels {
+                        route: Arc::clone(&route.label),
+                        kind,
+                    })
+                    .inc();
+            }
+            if kind.is_some() || matches!(error, ProxyError::TokenUnavailable(_)) {
+                tracing::warn!(request_id = ?request_id, %method, %path, error = %ErrorChain(&error), "request failed");
             } else {
-                tracing::debug!(%method, %path, error = %ErrorChain(&error), "request refused");
+                tracing::debug!(request_id = ?request_id, %method, %path, error = %ErrorChain(&error), "request refused");
             }
             error.into_response()
         }
     };
-    let route = outcome.route.as_deref();
-    tracing::info!(
-        target: "access",
-        %method,
-        %path,
-        client = outcome.client.as_deref().unwrap_or("-"),
-        route = route.map_or("-", |r| r.prefix.as_str()),
-        credential = route.map_or("-", |r| r.credential.as_str()),
-        status = response.status().as_u16(),
-        upstream_status = outcome.upstream_status.unwrap_or(0),
-        duration_us = started.elapsed().as_micros() as u64,
-        "request"
-    );
-    response.map(|body| TrackedBody {
-        inner: body,
-        _guard: guard,
-    })
+    response
+        .headers_mut()
+        .insert(X_REQUEST_ID.clone(), request_id.clone());
+    let record = AccessRecord {
+        started,
+        request_id,
+        method,
+        path,
+        status: response.status().as_u16(),
+        outcome,
+        bytes: 0,
+        stats,
+    };
+    response.map(|inner| TrackedBody { inner, record })
 }
 
 async fn proxy(
     rt: &Runtime,
     stats: &PipelineStats,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     conn: ConnInfo,
     outcome: &mut Outcome,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -137,8 +162,7 @@ async fn proxy(
         })
     })?;
 
-    // 2. inbound authentication. The local token endpoint authenticates by its body.
-    let mut req = req;
+    // 2. inbound_auth. The local token endpoint authenticates by its body.
     if let Some(clients) = &rt.clients {
         if rt.token_endpoint.as_deref() == Some(req.uri().path()) {
             return local_token_endpoint(clients, req).await;
@@ -191,11 +215,21 @@ async fn proxy(
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     strip_inbound_credentials(&mut headers);
-    headers.insert(header::HOST, route.host_header.clone());
+    let original_host = headers.insert(header::HOST, route.host_header.clone());
     if rt.forwarded_headers {
-        add_forwarded_headers(&mut headers, conn, parts.version);
+        add_forwarded_headers(
+            &mut headers,
+            conn,
+            original_host.or_else(|| {
+                // HTTP/2 carries the host in :authority.
+                parts
+                    .uri
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            }),
+        );
     }
-    headers.insert(auth_name.clone(), auth_value);
+    headers.insert(auth_name, auth_value);
 
     // A body that fits the replay buffer is read first so it can be sent again after a 401;
     // anything larger (or of unknown length) streams through untouched.
@@ -236,7 +270,7 @@ async fn proxy(
         }
         (StatusCode::UNAUTHORIZED, Credential::OAuth(c), Some(used), None) => {
             // Not replayable, but the token may still be bad: let the next request get a
-            // fresh one.
+            // fresh one (within the forced-refresh limit).
             c.invalidate(&used);
             response
         }
@@ -246,7 +280,30 @@ async fn proxy(
     // 8. response_filter
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    if rt.rewrite_location {
+        if let Some(location) = parts.headers.get(header::LOCATION) {
+            if let Some(rewritten) = rewrite_location(&route, location) {
+                parts.headers.insert(header::LOCATION, rewritten);
+            }
+        }
+    }
     Ok(Response::from_parts(parts, ProxyBody::Incoming(body)))
+}
+
+/// The client's `X-Request-Id` when it is a sane token, otherwise a fresh random one.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(&X_REQUEST_ID) {
+        let b = v.as_bytes();
+        let sane = !b.is_empty()
+            && b.len() <= 128
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'));
+        if sane {
+            return v.clone();
+        }
+    }
+    let id: u128 = rand::random();
+    HeaderValue::try_from(format!("{id:032x}")).unwrap_or(HeaderValue::from_static("-"))
 }
 
 /// Largest body the local token endpoint reads.
@@ -284,10 +341,7 @@ async fn local_token_endpoint(
 }
 
 /// After a 401: a token other than `used`, or `None` when no replay should happen.
-async fn fresh_token(
-    credential: &crate::token::OAuthCredential,
-    used: &Arc<Token>,
-) -> Option<Arc<Token>> {
+async fn fresh_token(credential: &OAuthCredential, used: &Arc<Token>) -> Option<Arc<Token>> {
     if !credential.invalidate(used) {
         return None;
     }
@@ -336,7 +390,7 @@ async fn forward(
     }
 }
 
-fn add_forwarded_headers(headers: &mut HeaderMap, conn: ConnInfo, _version: Version) {
+fn add_forwarded_headers(headers: &mut HeaderMap, conn: ConnInfo, host: Option<HeaderValue>) {
     let ip = conn.peer.ip().to_string();
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prior) => format!("{prior}, {ip}"),
@@ -349,30 +403,76 @@ fn add_forwarded_headers(headers: &mut HeaderMap, conn: ConnInfo, _version: Vers
         "x-forwarded-proto",
         HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
     );
+    if let Some(host) = host {
+        headers.insert("x-forwarded-host", host);
+    }
 }
 
-/// Decrements the in-flight gauge when the response (body included) is done.
+/// Everything the access log line needs, carried by the response body until it ends.
 #[derive(Debug)]
-pub struct InflightGuard(Arc<PipelineStats>);
+struct AccessRecord {
+    started: Instant,
+    request_id: HeaderValue,
+    method: Method,
+    path: Box<str>,
+    status: u16,
+    outcome: Outcome,
+    bytes: u64,
+    stats: Arc<PipelineStats>,
+}
 
-impl InflightGuard {
-    fn new(stats: Arc<PipelineStats>) -> Self {
-        stats.inflight.fetch_add(1, Ordering::Relaxed);
-        InflightGuard(stats)
+impl AccessRecord {
+    fn finish(&mut self, complete: bool) {
+        let elapsed = self.started.elapsed();
+        self.stats.inflight.fetch_sub(1, Ordering::Relaxed);
+        let route_label = self
+            .outcome
+            .route
+            .as_ref()
+            .map_or_else(|| Arc::clone(&NO_LABEL), |r| Arc::clone(&r.label));
+        let client_label = self
+            .outcome
+            .client
+            .clone()
+            .unwrap_or_else(|| Arc::clone(&NO_LABEL));
+        let metrics = &self.stats.metrics;
+        metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                route: Arc::clone(&route_label),
+                client: Arc::clone(&client_label),
+                status: self.status,
+            })
+            .inc();
+        metrics
+            .duration
+            .get_or_create(&RouteLabels { route: route_label })
+            .observe(elapsed.as_secs_f64());
+        let route = self.outcome.route.as_deref();
+        tracing::info!(
+            target: "access",
+            request_id = self.request_id.to_str().unwrap_or("-"),
+            client = &*client_label,
+            method = %self.method,
+            path = &*self.path,
+            route = route.map_or("-", |r| r.prefix.as_str()),
+            credential = route.map_or("-", |r| r.credential.as_str()),
+            status = self.status,
+            upstream_status = self.outcome.upstream_status.unwrap_or(0),
+            duration_us = elapsed.as_micros() as u64,
+            bytes = self.bytes,
+            complete,
+            "request"
+        );
     }
 }
 
-impl Drop for InflightGuard {
-    fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// The response body sent to clients: keeps the request counted in flight until it ends.
+/// The response body sent to clients: counts bytes and writes the access record when it ends
+/// (or is dropped because the client went away).
 #[derive(Debug)]
 pub struct TrackedBody {
     inner: ProxyBody,
-    _guard: InflightGuard,
+    record: AccessRecord,
 }
 
 impl Body for TrackedBody {
@@ -383,7 +483,14 @@ impl Body for TrackedBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                this.record.bytes += data.len() as u64;
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -392,5 +499,12 @@ impl Body for TrackedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        let complete = self.inner.is_end_stream();
+        self.record.finish(complete);
     }
 }

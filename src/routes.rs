@@ -18,6 +18,8 @@ use crate::config::RouteSettings;
 pub struct Route {
     /// Local path prefix, e.g. `/deploy` (no trailing slash, except the root route `/`).
     pub prefix: String,
+    /// The prefix as a shared label for metrics.
+    pub label: Arc<str>,
     /// Upstream scheme.
     pub scheme: Scheme,
     /// Upstream authority (host and port), also the `Host` header sent upstream.
@@ -54,6 +56,7 @@ impl Route {
         let base_path = settings.upstream.path().trim_end_matches('/').to_owned();
         Ok(Route {
             prefix: settings.prefix.clone(),
+            label: Arc::from(settings.prefix.as_str()),
             scheme,
             authority,
             host_header,

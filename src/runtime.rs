@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::inbound::Clients;
+use crate::metrics::Metrics;
 use crate::routes::{Route, RouteTable};
 use crate::token::verify::Jwks;
 use crate::token::{Credential, OAuthCredential, Tuning};
@@ -28,6 +29,8 @@ pub struct Runtime {
     pub forwarded_headers: bool,
     /// `server.replay_body_limit`.
     pub replay_body_limit: u64,
+    /// `server.rewrite_location`.
+    pub rewrite_location: bool,
     /// Inbound clients; `None` when the config has no `[[clients]]`.
     pub clients: Option<Clients>,
     /// Path of the local token endpoint, when it is on and there are clients.
@@ -47,6 +50,7 @@ impl Runtime {
     pub fn build(
         config: Arc<Config>,
         tuning: &Tuning,
+        metrics: &Arc<Metrics>,
         previous: Option<&Runtime>,
     ) -> Result<Runtime, BuildError> {
         let server = &config.server;
@@ -75,9 +79,8 @@ impl Runtime {
                 });
             let credential = match reused {
                 Some(c) => c,
-                None => {
-                    Credential::new(name, settings, &http, &mut jwks, tuning).map_err(BuildError)?
-                }
+                None => Credential::new(name, settings, &http, &mut jwks, tuning, metrics)
+                    .map_err(BuildError)?,
             };
             credentials.insert(name.to_owned(), credential);
         }
@@ -105,6 +108,7 @@ impl Runtime {
             client,
             forwarded_headers: server.forwarded_headers,
             replay_body_limit: server.replay_body_limit,
+            rewrite_location: server.rewrite_location,
             config,
         })
     }

@@ -19,7 +19,7 @@ use crate::proxy::{process_request, ConnInfo, PipelineStats};
 use crate::runtime::Runtime;
 
 /// Listener settings fixed for the life of the listener.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerSettings {
     /// Slowloris guard: time allowed to send a request's headers.
     pub header_read_timeout: Duration,

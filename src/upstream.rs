@@ -11,6 +11,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::CertificateDer;
 
 use crate::body::ProxyBody;
+use crate::routes::Route;
+use http::HeaderValue;
 
 /// The pooled HTTP/1.1 + HTTP/2 (by ALPN) client used for every upstream.
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
@@ -101,10 +103,153 @@ pub fn strip_inbound_credentials(headers: &mut HeaderMap) {
     }
 }
 
+/// Rewrites a `Location` that points into `route`'s upstream (absolute, or path-absolute under
+/// the upstream's base path) to the same place behind the proxy's prefix, so a tool that follows
+/// the redirect stays behind the proxy. Anything else is left alone (`None`).
+pub fn rewrite_location(route: &Route, location: &HeaderValue) -> Option<HeaderValue> {
+    let text = location.to_str().ok()?;
+    let path = if text.starts_with('/') {
+        if text.starts_with("//") {
+            return None;
+        }
+        text
+    } else {
+        let (scheme, rest) = text.split_once("://")?;
+        if !scheme.eq_ignore_ascii_case(route.scheme.as_str()) {
+            return None;
+        }
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(end);
+        if !same_authority(authority, route) {
+            return None;
+        }
+        path
+    };
+    let remainder = if route.base_path.is_empty() {
+        path
+    } else {
+        let rest = path.strip_prefix(route.base_path.as_str())?;
+        if !(rest.is_empty() || rest.starts_with(['/', '?', '#'])) {
+            return None;
+        }
+        rest
+    };
+    let prefix = if route.prefix == "/" {
+        ""
+    } else {
+        route.prefix.as_str()
+    };
+    let mut rewritten = String::with_capacity(prefix.len() + remainder.len() + 1);
+    rewritten.push_str(prefix);
+    if prefix.is_empty() && !remainder.starts_with('/') {
+        rewritten.push('/');
+    }
+    rewritten.push_str(remainder);
+    HeaderValue::from_str(&rewritten).ok()
+}
+
+fn same_authority(authority: &str, route: &Route) -> bool {
+    let expected = route.authority.as_str();
+    if authority.eq_ignore_ascii_case(expected) {
+        return true;
+    }
+    let default_port = if route.scheme == http::uri::Scheme::HTTPS {
+        ":443"
+    } else {
+        ":80"
+    };
+    let strip = |a: &str| -> String {
+        let lower = a.to_ascii_lowercase();
+        lower
+            .strip_suffix(default_port)
+            .map(str::to_owned)
+            .unwrap_or(lower)
+    };
+    strip(authority) == strip(expected)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::RouteSettings;
     use http::HeaderValue;
+
+    fn route(prefix: &str, upstream: &str) -> Route {
+        let settings = RouteSettings {
+            prefix: prefix.into(),
+            upstream: upstream.parse().expect("uri"),
+            credential: "c".into(),
+            timeout: None,
+        };
+        Route::new(&settings, Duration::from_secs(1)).expect("route")
+    }
+
+    fn rewrite(route: &Route, location: &str) -> Option<String> {
+        rewrite_location(route, &HeaderValue::from_str(location).expect("hv"))
+            .map(|v| v.to_str().expect("ascii").to_owned())
+    }
+
+    #[test]
+    fn locations_into_the_upstream_move_behind_the_prefix() {
+        let r = route(
+            "/authoring",
+            "https://xmc.example.io/sitecore/api/authoring/graphql/v1",
+        );
+        assert_eq!(
+            rewrite(
+                &r,
+                "https://xmc.example.io/sitecore/api/authoring/graphql/v1/next?x=1"
+            )
+            .as_deref(),
+            Some("/authoring/next?x=1")
+        );
+        assert_eq!(
+            rewrite(
+                &r,
+                "HTTPS://XMC.example.io:443/sitecore/api/authoring/graphql/v1"
+            )
+            .as_deref(),
+            Some("/authoring")
+        );
+        assert_eq!(
+            rewrite(&r, "/sitecore/api/authoring/graphql/v1/x").as_deref(),
+            Some("/authoring/x")
+        );
+        assert_eq!(
+            rewrite(&r, "/sitecore/api/authoring/graphql/v10"),
+            None,
+            "segment boundary"
+        );
+        assert_eq!(
+            rewrite(
+                &r,
+                "https://other.example/sitecore/api/authoring/graphql/v1"
+            ),
+            None
+        );
+        assert_eq!(
+            rewrite(
+                &r,
+                "http://xmc.example.io/sitecore/api/authoring/graphql/v1"
+            ),
+            None
+        );
+        assert_eq!(rewrite(&r, "//xmc.example.io/x"), None);
+        let d = route("/deploy", "https://deploy.example.io");
+        assert_eq!(
+            rewrite(&d, "https://deploy.example.io/api/x").as_deref(),
+            Some("/deploy/api/x")
+        );
+        assert_eq!(
+            rewrite(&d, "https://deploy.example.io").as_deref(),
+            Some("/deploy")
+        );
+        let root = route("/", "https://root.example.io/base");
+        assert_eq!(
+            rewrite(&root, "https://root.example.io/base?q").as_deref(),
+            Some("/?q")
+        );
+    }
 
     #[test]
     fn strips_fixed_and_connection_named_headers() {

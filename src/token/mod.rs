@@ -36,6 +36,7 @@ use rand::Rng;
 use tokio::sync::{watch, Notify};
 
 use crate::config::{CredentialSettings, OAuthSettings};
+use crate::metrics::{Metrics, TokenLabels, VerificationLabels};
 use verify::{Expectations, Jwks, VerifyError};
 
 /// Why one attempt to obtain a token failed. Never carries the endpoint's raw body.
@@ -159,23 +160,14 @@ pub struct CredentialStatus {
     pub attempts: u64,
 }
 
-/// Counters of one credential.
+/// Counters of one credential that tests and the status page read; token outcomes and
+/// verification failures go to the Prometheus families in [`Metrics`].
 #[derive(Debug, Default)]
 pub struct TokenCounters {
-    /// Token requests by outcome (`ok`, `rejected`, `rate_limited`, ...).
-    pub requests: Mutex<BTreeMap<&'static str, u64>>,
-    /// Verification failures by reason.
-    pub verification_failures: Mutex<BTreeMap<&'static str, u64>>,
     /// Requests that found the cache cold and waited for a fetch.
     pub cold_waits: AtomicU64,
     /// Forced refreshes after an upstream 401.
     pub forced_refreshes: AtomicU64,
-}
-
-fn bump(map: &Mutex<BTreeMap<&'static str, u64>>, key: &'static str) {
-    if let Ok(mut m) = map.lock() {
-        *m.entry(key).or_default() += 1;
-    }
 }
 
 /// Timings of the lifecycle; the defaults are the product's, tests may shorten them.
@@ -227,6 +219,7 @@ impl Credential {
         http: &reqwest::Client,
         jwks: &mut BTreeMap<String, Arc<Jwks>>,
         tuning: &Tuning,
+        metrics: &Arc<Metrics>,
     ) -> Result<Credential, String> {
         match settings {
             CredentialSettings::OAuth(s) => {
@@ -240,6 +233,7 @@ impl Credential {
                     http.clone(),
                     jwks,
                     tuning.clone(),
+                    Arc::clone(metrics),
                 ))))
             }
             CredentialSettings::Header(h) => {
@@ -272,8 +266,9 @@ pub struct OAuthCredential {
     last_forced: Mutex<Option<Instant>>,
     /// Bumped after every completed attempt; cold requests wait on it.
     attempts: watch::Sender<u64>,
-    /// Counters for metrics.
+    /// Counters for tests and status.
     pub counters: TokenCounters,
+    metrics: Arc<Metrics>,
 }
 
 impl OAuthCredential {
@@ -283,6 +278,7 @@ impl OAuthCredential {
         http: reqwest::Client,
         jwks: Arc<Jwks>,
         tuning: Tuning,
+        metrics: Arc<Metrics>,
     ) -> OAuthCredential {
         let expect = Expectations {
             issuer: settings.issuer.clone(),
@@ -304,6 +300,7 @@ impl OAuthCredential {
             last_forced: Mutex::new(None),
             attempts: watch::channel(0).0,
             counters: TokenCounters::default(),
+            metrics,
         }
     }
 
@@ -443,7 +440,7 @@ impl OAuthCredential {
         status.attempts += 1;
         match result {
             Ok(token) => {
-                bump(&self.counters.requests, "ok");
+                self.count_outcome("ok");
                 status.valid_until = Some(token.expires_at);
                 status.last_refresh = Some(token.obtained_at);
                 status.consecutive_failures = 0;
@@ -457,9 +454,15 @@ impl OAuthCredential {
                 self.token.store(Some(Arc::new(token)));
             }
             Err(e) => {
-                bump(&self.counters.requests, e.outcome());
+                self.count_outcome(e.outcome());
                 if let TokenError::Invalid(reason) = &e {
-                    bump(&self.counters.verification_failures, reason.reason());
+                    self.metrics
+                        .token_verification_failures
+                        .get_or_create(&VerificationLabels {
+                            credential: Arc::clone(&self.name),
+                            reason: reason.reason(),
+                        })
+                        .inc();
                 }
                 status.consecutive_failures = status.consecutive_failures.saturating_add(1);
                 let wait = self.backoff(status.consecutive_failures, &e);
@@ -476,6 +479,16 @@ impl OAuthCredential {
         }
         self.status.store(Arc::new(status));
         self.attempts.send_modify(|n| *n += 1);
+    }
+
+    fn count_outcome(&self, outcome: &'static str) {
+        self.metrics
+            .token_requests
+            .get_or_create(&TokenLabels {
+                credential: Arc::clone(&self.name),
+                outcome,
+            })
+            .inc();
     }
 
     fn backoff(&self, failures: u32, error: &TokenError) -> Duration {

@@ -1,0 +1,317 @@
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/status` (JSON, or HTML for
+//! browsers). Separate from the proxy listener so no route can shadow it, and it keeps answering
+//! during the drain. Nothing here ever shows a secret or a token.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::header::{ACCEPT, CACHE_CONTROL, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::app::Shared;
+use crate::body::ProxyBody;
+use crate::config::CredentialSettings;
+use crate::error::json_response;
+use crate::metrics::CredentialLabels;
+use crate::token::Credential;
+
+/// Serves the admin endpoints until `stop` turns true.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared = Arc::clone(&shared);
+        let service = service_fn(move |req| {
+            let shared = Arc::clone(&shared);
+            async move { Ok::<_, Infallible>(handle(&shared, req)) }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+}
+
+/// Answers one admin request.
+pub fn handle(shared: &Shared, req: Request<Incoming>) -> Response<ProxyBody> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "The admin endpoints answer GET only.",
+        );
+    }
+    let mut response = match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => match shared.readiness() {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(reasons) => {
+                let body = json!({ "ready": false, "reasons": reasons }).to_string();
+                with_type(StatusCode::SERVICE_UNAVAILABLE, body, "application/json")
+            }
+        },
+        "/metrics" => with_type(
+            StatusCode::OK,
+            metrics_text(shared),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        "/status" => {
+            let html = req
+                .headers()
+                .get(ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("text/html"));
+            let status = status_json(shared);
+            if html {
+                with_type(
+                    StatusCode::OK,
+                    status_html(&status),
+                    "text/html; charset=utf-8",
+                )
+            } else {
+                with_type(StatusCode::OK, status.to_string(), "application/json")
+            }
+        }
+        _ => json_response(StatusCode::NOT_FOUND, "no_route", "Unknown admin endpoint."),
+    };
+    response
+        .headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+    with_type(status, body.to_owned(), "text/plain; charset=utf-8")
+}
+
+fn with_type(status: StatusCode, body: String, content_type: &'static str) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::full(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// Refreshes the scrape-time gauges and encodes every metric.
+fn metrics_text(shared: &Shared) -> String {
+    let metrics = &shared.metrics;
+    metrics
+        .inflight
+        .set(shared.stats.inflight.load(Ordering::Relaxed));
+    let now = SystemTime::now();
+    for credential in shared.runtime.load().oauth_credentials() {
+        let left = credential
+            .current()
+            .map(|t| {
+                t.expires_at
+                    .duration_since(now)
+                    .unwrap_or_default()
+                    .as_secs_f64()
+            })
+            .unwrap_or(0.0);
+        metrics
+            .token_expiry
+            .get_or_create(&CredentialLabels {
+                credential: Arc::from(credential.name()),
+            })
+            .set(left);
+    }
+    metrics.encode()
+}
+
+fn rfc3339(t: Option<SystemTime>) -> serde_json::Value {
+    t.map_or(serde_json::Value::Null, |t| {
+        json!(humantime::format_rfc3339_seconds(t).to_string())
+    })
+}
+
+/// The status document: credentials' token health, routes, clients. No secrets by construction:
+/// only names, URLs, times and error codes are read.
+pub fn status_json(shared: &Shared) -> serde_json::Value {
+    let runtime = shared.runtime.load();
+    let config = &runtime.config;
+    let now = SystemTime::now();
+    let mut credentials = Vec::new();
+    for (name, settings) in &config.credentials {
+        let entry = match (settings, runtime.credential(name)) {
+            (CredentialSettings::OAuth(s), Some(Credential::OAuth(c))) => {
+                let status = c.status();
+                let token = c.current();
+                json!({
+                    "name": name,
+                    "type": "oauth",
+                    "token_url": s.token_url.as_str(),
+                    "audience": s.audience,
+                    "token_valid": token.is_some(),
+                    "valid_until": rfc3339(status.valid_until),
+                    "expires_in_seconds": token.map(|t| t.expires_at.duration_since(now).unwrap_or_default().as_secs()),
+                    "last_refresh": rfc3339(status.last_refresh),
+                    "consecutive_failures": status.consecutive_failures,
+                    "last_error": status.last_error,
+                    "token_requests": status.attempts,
+                    "forced_refreshes": c.counters.forced_refreshes.load(Ordering::Relaxed),
+                })
+            }
+            (CredentialSettings::Header(h), _) => json!({
+                "name": name,
+                "type": "header",
+                "header": h.header.as_str(),
+            }),
+            (CredentialSettings::OAuth(s), _) => json!({
+                "name": name,
+                "type": "oauth",
+                "token_url": s.token_url.as_str(),
+                "in_use": false,
+            }),
+        };
+        credentials.push(entry);
+    }
+    let routes: Vec<_> = runtime
+        .routes
+        .routes()
+        .iter()
+        .map(|r| {
+            json!({
+                "prefix": r.prefix,
+                "upstream": format!("{}://{}{}", r.scheme, r.authority, r.base_path),
+                "credential": r.credential,
+                "timeout_seconds": r.timeout.as_secs(),
+            })
+        })
+        .collect();
+    let clients: Vec<_> = config
+        .clients
+        .iter()
+        .map(|c| json!({ "name": c.name, "routes": c.routes }))
+        .collect();
+    json!({
+        "service": "sitecore-auth-proxy",
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": now.duration_since(shared.started_at).unwrap_or_default().as_secs(),
+        "ready": shared.readiness().is_ok(),
+        "shutting_down": shared.shutting_down.load(Ordering::Acquire),
+        "listen": config.server.listen.to_string(),
+        "tls": config.server.tls.is_some(),
+        "requests_total": shared.stats.requests.load(Ordering::Relaxed),
+        "inflight_requests": shared.stats.inflight.load(Ordering::Relaxed),
+        "credentials": credentials,
+        "routes": routes,
+        "clients": clients,
+    })
+}
+
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn cell(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "–".to_owned(),
+        serde_json::Value::String(s) => escape(s),
+        other => escape(&other.to_string()),
+    }
+}
+
+/// A small self-contained HTML page of the same document.
+fn status_html(status: &serde_json::Value) -> String {
+    let mut html = String::from(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width\">\
+         <title>sitecore-auth-proxy status</title><style>\
+         body{font:14px system-ui,sans-serif;margin:2em;color:#222}\
+         table{border-collapse:collapse;margin-bottom:2em}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}\
+         th{background:#f3f3f3}.ok{color:#0a0}.bad{color:#c00}</style></head><body>",
+    );
+    let ready = status["ready"].as_bool().unwrap_or(false);
+    let _ = write!(
+        html,
+        "<h1>sitecore-auth-proxy {}</h1><p>Status: <b class=\"{}\">{}</b> · listening on {} · up {} s · {} requests, {} in flight</p>",
+        cell(&status["version"]),
+        if ready { "ok" } else { "bad" },
+        if ready { "ready" } else { "not ready" },
+        cell(&status["listen"]),
+        cell(&status["uptime_seconds"]),
+        cell(&status["requests_total"]),
+        cell(&status["inflight_requests"]),
+    );
+    html.push_str("<h2>Credentials</h2><table><tr><th>name</th><th>type</th><th>token</th><th>expires in (s)</th><th>valid until</th><th>last refresh</th><th>failures</th><th>last error</th></tr>");
+    for c in status["credentials"].as_array().into_iter().flatten() {
+        let valid = c["token_valid"].as_bool();
+        let token = match valid {
+            Some(true) => "<span class=\"ok\">valid</span>",
+            Some(false) => "<span class=\"bad\">none</span>",
+            None => "–",
+        };
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{token}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            cell(&c["name"]),
+            cell(&c["type"]),
+            cell(&c["expires_in_seconds"]),
+            cell(&c["valid_until"]),
+            cell(&c["last_refresh"]),
+            cell(&c["consecutive_failures"]),
+            cell(&c["last_error"]),
+        );
+    }
+    html.push_str("</table><h2>Routes</h2><table><tr><th>prefix</th><th>upstream</th><th>credential</th><th>timeout (s)</th></tr>");
+    for r in status["routes"].as_array().into_iter().flatten() {
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            cell(&r["prefix"]),
+            cell(&r["upstream"]),
+            cell(&r["credential"]),
+            cell(&r["timeout_seconds"]),
+        );
+    }
+    html.push_str("</table><h2>Clients</h2><table><tr><th>name</th><th>routes</th></tr>");
+    for c in status["clients"].as_array().into_iter().flatten() {
+        let routes = match &c["routes"] {
+            serde_json::Value::Null => "all".to_owned(),
+            v => cell(v),
+        };
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{routes}</td></tr>",
+            cell(&c["name"])
+        );
+    }
+    html.push_str("</table></body></html>\n");
+    html
+}

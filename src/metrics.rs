@@ -1,0 +1,183 @@
+//! Prometheus metrics: the families of DESIGN.md, registered once per process and shared by the
+//! pipeline, the credentials and the admin listener.
+//!
+//! Counters and histograms are atomics behind prometheus-client's families; label values are
+//! `Arc<str>` clones of names the runtime already holds, so recording allocates nothing.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// `route`, `client`, `status` of `proxy_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Route prefix, `-` when no route matched.
+    pub route: Arc<str>,
+    /// Client name, `-` without inbound authentication.
+    pub client: Arc<str>,
+    /// Response status code.
+    pub status: u16,
+}
+
+/// `route` of `proxy_request_duration_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// Route prefix, `-` when no route matched.
+    pub route: Arc<str>,
+}
+
+/// `route`, `kind` of `proxy_upstream_errors_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamErrorLabels {
+    /// Route prefix.
+    pub route: Arc<str>,
+    /// `unreachable` or `timeout`.
+    pub kind: &'static str,
+}
+
+/// `credential`, `outcome` of `token_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    /// Credential name.
+    pub credential: Arc<str>,
+    /// `ok`, `rejected`, `rate_limited`, `server_error`, `unreachable`, `timeout`, `malformed`, `invalid_token`.
+    pub outcome: &'static str,
+}
+
+/// `credential` of `token_expiry_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CredentialLabels {
+    /// Credential name.
+    pub credential: Arc<str>,
+}
+
+/// `credential`, `reason` of `token_verification_failures_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerificationLabels {
+    /// Credential name.
+    pub credential: Arc<str>,
+    /// See `VerifyError::reason`.
+    pub reason: &'static str,
+}
+
+/// `outcome` of `config_reloads_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `success` or `error`.
+    pub outcome: &'static str,
+}
+
+/// Every metric the proxy exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// `proxy_requests_total{route,client,status}`.
+    pub requests: Family<RequestLabels, Counter>,
+    /// `proxy_request_duration_seconds{route}`: until the response body is done.
+    pub duration: Family<RouteLabels, Histogram>,
+    /// `proxy_upstream_errors_total{route,kind}`.
+    pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    /// `proxy_inflight_requests`.
+    pub inflight: Gauge,
+    /// `token_requests_total{credential,outcome}`.
+    pub token_requests: Family<TokenLabels, Counter>,
+    /// `token_expiry_seconds{credential}`: seconds left, set at scrape time.
+    pub token_expiry: Family<CredentialLabels, Gauge<f64, AtomicU64>>,
+    /// `token_verification_failures_total{credential,reason}`.
+    pub token_verification_failures: Family<VerificationLabels, Counter>,
+    /// `config_reloads_total{outcome}`.
+    pub config_reloads: Family<OutcomeLabels, Counter>,
+}
+
+/// Histogram buckets for a proxy: 100 µs doubling to about 26 s.
+fn duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 19))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every family.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let requests = Family::default();
+        registry.register(
+            "proxy_requests",
+            "Requests handled by the proxy",
+            requests.clone(),
+        );
+        let duration = Family::<RouteLabels, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "proxy_request_duration_seconds",
+            "Time from request to the end of the response body",
+            duration.clone(),
+        );
+        let upstream_errors = Family::default();
+        registry.register(
+            "proxy_upstream_errors",
+            "Upstream connection failures and timeouts",
+            upstream_errors.clone(),
+        );
+        let inflight = Gauge::default();
+        registry.register(
+            "proxy_inflight_requests",
+            "Requests in flight",
+            inflight.clone(),
+        );
+        let token_requests = Family::default();
+        registry.register(
+            "token_requests",
+            "Requests to token endpoints by outcome",
+            token_requests.clone(),
+        );
+        let token_expiry = Family::default();
+        registry.register(
+            "token_expiry_seconds",
+            "Seconds until the served token expires",
+            token_expiry.clone(),
+        );
+        let token_verification_failures = Family::default();
+        registry.register(
+            "token_verification_failures",
+            "Tokens refused by verification, by reason",
+            token_verification_failures.clone(),
+        );
+        let config_reloads = Family::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads by outcome",
+            config_reloads.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            duration: duration.into(),
+            upstream_errors,
+            inflight,
+            token_requests,
+            token_expiry,
+            token_verification_failures,
+            config_reloads,
+        }
+    }
+
+    /// The exposition text (OpenMetrics, which Prometheus reads).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
