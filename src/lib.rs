@@ -15,6 +15,7 @@ pub mod demo;
 pub mod emulator;
 pub mod error;
 pub mod inbound;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod routes;

@@ -74,6 +74,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    // Every subcommand that speaks TLS (run, check --fetch, healthcheck) needs the provider.
+    sitecore_auth_proxy::install_crypto_providers();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -97,14 +99,15 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+    use sitecore_auth_proxy::logging;
+    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+    let format = match format {
+        LogFormat::Text => logging::Format::Text,
+        LogFormat::Json => logging::Format::Json,
+    };
+    let subscriber = logging::subscriber(format, &directives, std::io::stderr);
+    if tracing::subscriber::set_global_default(subscriber).is_err() {
+        eprintln!("a logger was already installed");
     }
 }
 
@@ -128,20 +131,15 @@ async fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     let mut signals = Signals::new();
-    loop {
-        match signals.next().await {
-            Signal::Reload => {
-                tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
-                if let Err(e) = proxy.reload_from(path).await {
-                    for line in e.to_string().lines() {
-                        tracing::error!(
-                            problem = line,
-                            "reload refused; the previous configuration keeps serving"
-                        );
-                    }
-                }
+    while let Signal::Reload = signals.next().await {
+        tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
+        if let Err(e) = proxy.reload_from(path).await {
+            for line in e.to_string().lines() {
+                tracing::error!(
+                    problem = line,
+                    "reload refused; the previous configuration keeps serving"
+                );
             }
-            Signal::Stop => break,
         }
     }
     tracing::info!("shutdown requested; draining");

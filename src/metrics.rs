@@ -100,6 +100,31 @@ fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 19))
 }
 
+/// Every `outcome` of `token_requests_total`.
+pub const TOKEN_OUTCOMES: [&str; 8] = [
+    "ok",
+    "rejected",
+    "rate_limited",
+    "server_error",
+    "unreachable",
+    "timeout",
+    "malformed",
+    "invalid_token",
+];
+
+/// Every `reason` of `token_verification_failures_total`.
+pub const VERIFICATION_REASONS: [&str; 9] = [
+    "malformed",
+    "algorithm",
+    "unknown_kid",
+    "jwks_unavailable",
+    "signature",
+    "expired",
+    "not_yet_valid",
+    "issuer",
+    "audience",
+];
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
@@ -160,16 +185,47 @@ impl Metrics {
             "Configuration reloads by outcome",
             config_reloads.clone(),
         );
+        for outcome in ["success", "error"] {
+            let _ = config_reloads.get_or_create(&OutcomeLabels { outcome });
+        }
         Metrics {
             registry,
             requests,
-            duration: duration.into(),
+            duration,
             upstream_errors,
             inflight,
             token_requests,
             token_expiry,
             token_verification_failures,
             config_reloads,
+        }
+    }
+
+    /// Creates the zero-valued series of a route, so dashboards see 0 rather than nothing.
+    pub fn register_route(&self, route: &Arc<str>) {
+        for kind in ["unreachable", "timeout"] {
+            let _ = self.upstream_errors.get_or_create(&UpstreamErrorLabels {
+                route: Arc::clone(route),
+                kind,
+            });
+        }
+    }
+
+    /// Creates the zero-valued series of an `oauth` credential.
+    pub fn register_credential(&self, credential: &Arc<str>) {
+        for outcome in TOKEN_OUTCOMES {
+            let _ = self.token_requests.get_or_create(&TokenLabels {
+                credential: Arc::clone(credential),
+                outcome,
+            });
+        }
+        for reason in VERIFICATION_REASONS {
+            let _ = self
+                .token_verification_failures
+                .get_or_create(&VerificationLabels {
+                    credential: Arc::clone(credential),
+                    reason,
+                });
         }
     }
 

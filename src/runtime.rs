@@ -91,6 +91,14 @@ impl Runtime {
             .map(|r| Route::new(r, server.request_timeout))
             .collect::<Result<Vec<_>, _>>()
             .map_err(BuildError)?;
+        for route in &routes {
+            metrics.register_route(&route.label);
+        }
+        for name in credentials.keys() {
+            if matches!(credentials.get(name), Some(Credential::OAuth(_))) {
+                metrics.register_credential(&Arc::from(name.as_str()));
+            }
+        }
         let tls = server
             .tls
             .as_ref()

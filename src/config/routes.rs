@@ -39,7 +39,9 @@ pub(super) fn routes(
                 None
             }
             Some(prefix) => {
-                prefixes.push(prefix.clone());
+                if !prefixes.contains(&prefix) {
+                    prefixes.push(prefix.clone());
+                }
                 if let Some(first) = first_use.get(&prefix) {
                     cx.problem(
                         k("prefix"),

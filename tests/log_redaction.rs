@@ -1,0 +1,236 @@
+//! The audit trail without the secrets: a full run captured at trace level (the binary's own
+//! filter), in text and JSON, contains access lines and never a secret, key, token,
+//! `Authorization` value, query string or the token endpoint's raw error body.
+
+mod support;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use sitecore_auth_proxy::emulator::{Emulator, TokenFault, UpstreamFault};
+use sitecore_auth_proxy::logging::{self, Format};
+use support::{json, Harness, Setup};
+use tracing_subscriber::fmt::MakeWriter;
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("capture").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for Capture {
+    type Writer = Capture;
+    fn make_writer(&'a self) -> Capture {
+        self.clone()
+    }
+}
+
+impl Capture {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("capture")).into_owned()
+    }
+}
+
+const SECRET: &str = "cs-LOGMARK-secret-3e1f";
+const CLIENT_KEY: &str = "ck-LOGMARK-key-9a0c";
+const QUERY_MARK: &str = "qs-LOGMARK-query-5b77";
+const HEADER_KEY: &str = "hk-LOGMARK-edge-11aa";
+
+async fn full_run() -> Vec<String> {
+    let mut forbidden = vec![
+        SECRET.to_owned(),
+        CLIENT_KEY.to_owned(),
+        QUERY_MARK.to_owned(),
+        HEADER_KEY.to_owned(),
+    ];
+    let setup = Setup {
+        emulator: Emulator::builder().client("log-client", SECRET),
+        client_id: "log-client".into(),
+        client_secret: SECRET.into(),
+        extra_toml: format!(
+            "\n[credentials.edge]\ntype = \"header\"\nheader = \"sc_apikey\"\nvalue = \"{HEADER_KEY}\"\n\
+             \n[[routes]]\nprefix = \"/edge\"\nupstream = \"http://127.0.0.1:9/\"\ncredential = \"edge\"\n\
+             \n[[clients]]\nname = \"log-team\"\nkey = \"{CLIENT_KEY}\"\n"
+        ),
+        ..Setup::default()
+    };
+    let emulator = setup.emulator.clone().start().await.expect("emulator");
+    // The first token request is refused with Auth0's body, then one 500: neither body may be logged.
+    emulator.push_token_faults([TokenFault::AccessDenied, TokenFault::Status(500)]);
+    let text = support::config_text(&setup, &emulator);
+    let h = Harness::from_text(emulator, &text, setup.tuning).await;
+    let credential = h.proxy.credential("automation").expect("credential");
+    assert!(
+        support::eventually(std::time::Duration::from_secs(10), || credential
+            .current()
+            .is_some())
+        .await
+    );
+    forbidden.push(
+        credential
+            .current()
+            .expect("token")
+            .authorization
+            .to_str()
+            .expect("ascii")
+            .trim_start_matches("Bearer ")
+            .to_owned(),
+    );
+
+    // Requests with the key in both headers and a query string that must not be logged.
+    for header in ["authorization", "x-api-key"] {
+        let value = if header == "authorization" {
+            format!("Bearer {CLIENT_KEY}")
+        } else {
+            CLIENT_KEY.to_owned()
+        };
+        let r = h
+            .http
+            .get(format!(
+                "{}?token={QUERY_MARK}",
+                h.url("/deploy/api/projects/v1")
+            ))
+            .header(header, value)
+            .send()
+            .await
+            .expect("response");
+        assert_eq!(r.status(), 200);
+    }
+    // A local token, then a call with it.
+    let issued = json(
+        h.http
+            .post(h.url("/oauth/token"))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", "log-team"),
+                ("client_secret", CLIENT_KEY),
+            ])
+            .send()
+            .await
+            .expect("token"),
+    )
+    .await["access_token"]
+        .as_str()
+        .expect("issued")
+        .to_owned();
+    forbidden.push(issued.clone());
+    let r = h
+        .http
+        .get(h.url("/deploy/x"))
+        .bearer_auth(&issued)
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(r.status(), 200);
+    // An upstream 401 and its replay with a fresh token.
+    h.emulator
+        .push_upstream_faults([UpstreamFault::Status(401)]);
+    let r = h
+        .http
+        .post(h.url("/authoring"))
+        .header("x-api-key", CLIENT_KEY)
+        .body("{}")
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(r.status(), 200);
+    forbidden.push(
+        credential
+            .current()
+            .expect("token")
+            .authorization
+            .to_str()
+            .expect("ascii")
+            .trim_start_matches("Bearer ")
+            .to_owned(),
+    );
+    // The header credential towards an unreachable upstream, a refused key, a bad path.
+    let r = h
+        .http
+        .get(h.url("/edge/x"))
+        .header("x-api-key", CLIENT_KEY)
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(r.status(), 502);
+    let r = h
+        .http
+        .get(h.url("/deploy/x"))
+        .header("x-api-key", "wrong-LOGMARK")
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(r.status(), 401);
+    forbidden.push("wrong-LOGMARK".into());
+    // Raw error bodies of the token endpoint.
+    forbidden.push("error_description".into());
+    forbidden.push("Unauthorized\"".into());
+    forbidden
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_level_logs_of_a_full_run_contain_no_secret() {
+    let text_capture = Capture::default();
+    let json_capture = Capture::default();
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        let subscriber = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(text_capture.clone())
+                    .with_ansi(false),
+            )
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(json_capture.clone()),
+            )
+            .with(logging::filter("trace"));
+        tracing::subscriber::set_global_default(subscriber).expect("global subscriber");
+    }
+    // The binary's own builder must accept both formats too.
+    drop(logging::subscriber(
+        Format::Json,
+        "trace",
+        Capture::default(),
+    ));
+
+    let forbidden = full_run().await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    for (name, capture) in [("text", &text_capture), ("json", &json_capture)] {
+        let logs = capture.text();
+        assert!(
+            logs.lines().count() > 10,
+            "{name}: logs were captured:\n{logs}"
+        );
+        assert!(
+            logs.contains("log-team"),
+            "{name}: the access log names the client"
+        );
+        assert!(
+            logs.contains("/deploy/api/projects/v1"),
+            "{name}: paths are logged"
+        );
+        assert!(
+            logs.contains("access_denied"),
+            "{name}: the endpoint's error code may be logged"
+        );
+        for needle in &forbidden {
+            if let Some(line) = logs.lines().find(|l| l.contains(needle.as_str())) {
+                panic!("{name}: {needle:?} leaked into the logs:\n{line}");
+            }
+        }
+        assert!(
+            !logs.to_ascii_lowercase().contains("bearer ey"),
+            "{name}: no bearer JWT"
+        );
+    }
+}

@@ -1,0 +1,482 @@
+//! Operating the proxy: readiness, metrics, the status page, reload and drain, through the admin
+//! listener and the real binary.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use sitecore_auth_proxy::emulator::{Emulator, TokenFault};
+use support::tls::{temp_dir, write};
+use support::{eventually, json, Harness, Setup};
+
+const ADMIN: &str = "\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+
+fn admin_url(h: &Harness, path: &str) -> String {
+    format!(
+        "http://{}{path}",
+        h.proxy.admin_addr().expect("admin listener")
+    )
+}
+
+async fn get(h: &Harness, path: &str) -> (u16, String) {
+    let response = h
+        .http
+        .get(admin_url(h, path))
+        .send()
+        .await
+        .expect("admin response");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("body"))
+}
+
+/// `name{labels} value` lines of the exposition text.
+fn samples(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            Some((key.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn readiness_goes_cold_to_ready_to_shutting_down() {
+    let setup = Setup {
+        extra_toml: ADMIN.into(),
+        ..Setup::default()
+    };
+    let emulator = setup.emulator.clone().start().await.expect("emulator");
+    emulator.push_token_faults([TokenFault::Status(503)]);
+    let text = support::config_text(&setup, &emulator);
+    let h = Harness::from_text(emulator, &text, setup.tuning).await;
+
+    assert_eq!(get(&h, "/healthz").await.0, 200);
+    let (status, body) = get(&h, "/readyz").await;
+    assert_eq!(status, 503, "cold: {body}");
+    assert!(body.contains("automation"), "names the credential: {body}");
+
+    let credential = h.proxy.credential("automation").expect("credential");
+    assert!(eventually(Duration::from_secs(10), || credential.current().is_some()).await);
+    assert_eq!(get(&h, "/readyz").await.0, 200);
+
+    h.proxy.shutdown();
+    let (status, body) = get(&h, "/readyz").await;
+    assert_eq!(status, 503, "draining: {body}");
+    assert!(body.contains("shutting down"));
+    assert_eq!(
+        get(&h, "/healthz").await.0,
+        200,
+        "the admin listener keeps answering"
+    );
+}
+
+#[tokio::test]
+async fn metrics_match_what_happened() {
+    let h = Harness::with(Setup {
+        extra_toml: ADMIN.into(),
+        ..Setup::default()
+    })
+    .await;
+    for _ in 0..5 {
+        let r = h
+            .http
+            .get(h.url("/deploy/api/projects/v1"))
+            .send()
+            .await
+            .expect("response");
+        assert_eq!(r.status(), 200);
+        r.bytes().await.expect("body");
+    }
+    let r = h
+        .http
+        .get(h.url("/nowhere"))
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(r.status(), 404);
+    r.bytes().await.expect("body");
+
+    let (status, text) = get(&h, "/metrics").await;
+    assert_eq!(status, 200);
+    let m = samples(&text);
+    assert_eq!(
+        m.get(r#"proxy_requests_total{route="/deploy",client="-",status="200"}"#),
+        Some(&5.0),
+        "{text}"
+    );
+    assert_eq!(
+        m.get(r#"proxy_requests_total{route="-",client="-",status="404"}"#),
+        Some(&1.0)
+    );
+    assert_eq!(
+        m.get(r#"token_requests_total{credential="automation",outcome="ok"}"#)
+            .copied(),
+        Some(h.emulator.token_requests_ok() as f64),
+        "the proxy's count matches the emulator's"
+    );
+    assert_eq!(
+        m.get(r#"proxy_request_duration_seconds_count{route="/deploy"}"#),
+        Some(&5.0)
+    );
+    assert!(
+        m.contains_key(r#"proxy_request_duration_seconds_bucket{le="0.0001",route="/deploy"}"#),
+        "buckets start at 100 µs: {text}"
+    );
+    assert_eq!(m.get("proxy_inflight_requests"), Some(&0.0));
+    let expiry = m[r#"token_expiry_seconds{credential="automation"}"#];
+    assert!(expiry > 80_000.0 && expiry <= 86_400.0, "{expiry}");
+    for name in [
+        "proxy_upstream_errors_total",
+        "token_verification_failures_total",
+        "config_reloads_total",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {}", name.trim_end_matches("_total"))),
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn status_page_shows_health_and_never_a_secret() {
+    let secret = "cs-status-MARKER-40c1";
+    let key = "ck-status-MARKER-77d9";
+    let h = Harness::with(Setup {
+        emulator: Emulator::builder().client("status-client", secret),
+        client_id: "status-client".into(),
+        client_secret: secret.into(),
+        extra_toml: format!("{ADMIN}\n[[clients]]\nname = \"team-docs\"\nkey = \"{key}\"\n"),
+        ..Setup::default()
+    })
+    .await;
+    h.wait_ready().await;
+    let token = h
+        .proxy
+        .credential("automation")
+        .expect("credential")
+        .current()
+        .expect("token")
+        .authorization
+        .to_str()
+        .expect("ascii")
+        .trim_start_matches("Bearer ")
+        .to_owned();
+
+    let (status, body) = get(&h, "/status").await;
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(doc["credentials"][0]["name"], "automation");
+    assert_eq!(doc["credentials"][0]["token_valid"], true);
+    assert_eq!(doc["clients"][0]["name"], "team-docs");
+    assert!(doc["routes"].as_array().expect("routes").len() >= 5);
+
+    let html = h
+        .http
+        .get(admin_url(&h, "/status"))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .expect("html");
+    assert!(html.headers()["content-type"]
+        .to_str()
+        .expect("ct")
+        .starts_with("text/html"));
+    let html = html.text().await.expect("body");
+    assert!(html.contains("automation") && html.contains("team-docs") && html.contains("/deploy"));
+
+    let (_, metrics) = get(&h, "/metrics").await;
+    for page in [&body, &html, &metrics] {
+        for needle in [secret, key, token.as_str()] {
+            assert!(!page.contains(needle), "a secret leaked into an admin page");
+        }
+    }
+}
+
+#[tokio::test]
+async fn reload_adds_routes_keeps_tokens_and_refuses_bad_files() {
+    let dir = temp_dir("reload");
+    let setup = Setup {
+        emulator: Emulator::builder()
+            .client("client-a", "secret-a")
+            .client("client-b", "secret-b"),
+        ..Setup::default()
+    };
+    let emulator = setup.emulator.clone().start().await.expect("emulator");
+    write(&dir, "secret", "secret-a\n");
+    let base = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[credentials.automation]\nclient_id = \"client-a\"\n\
+         client_secret_file = \"secret\"\ntoken_url = \"{}\"\n\n[[routes]]\nprefix = \"/deploy\"\n\
+         upstream = \"{}\"\ncredential = \"automation\"\n",
+        emulator.token_url(),
+        emulator.api_base(sitecore_auth_proxy::emulator::Api::Deploy)
+    );
+    let path = write(&dir, "proxy.toml", &base);
+    let config = sitecore_auth_proxy::config::Config::load(&path).expect("valid");
+    let proxy = sitecore_auth_proxy::app::start(config, Default::default())
+        .await
+        .expect("start");
+    let mut h = Harness {
+        emulator,
+        base: format!("http://{}", proxy.local_addr()),
+        proxy,
+        http: support::client(),
+    };
+    h.wait_ready().await;
+    assert_eq!(h.emulator.token_requests(), 1);
+    assert_eq!(
+        h.http
+            .get(h.url("/authoring"))
+            .send()
+            .await
+            .expect("r")
+            .status(),
+        404
+    );
+
+    // 1. A new route; the credential's settings are unchanged, so its token is kept.
+    let with_route = format!(
+        "{base}\n[[routes]]\nprefix = \"/authoring\"\nupstream = \"{}\"\ncredential = \"automation\"\n",
+        h.emulator.api_base(sitecore_auth_proxy::emulator::Api::Authoring)
+    );
+    write(&dir, "proxy.toml", &with_route);
+    h.proxy.reload_from(&path).await.expect("reload");
+    let r = h
+        .http
+        .post(h.url("/authoring"))
+        .body("{}")
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(r.status(), 200);
+    assert_eq!(json(r).await["api"], "authoring");
+    assert_eq!(
+        h.emulator.token_requests(),
+        1,
+        "no token request for an unchanged credential"
+    );
+
+    // 2. The secret file and client change: that credential fetches anew.
+    write(&dir, "secret", "secret-b\n");
+    write(
+        &dir,
+        "proxy.toml",
+        &with_route.replace("client-a", "client-b"),
+    );
+    h.proxy.reload_from(&path).await.expect("reload");
+    let r = h
+        .http
+        .get(h.url("/deploy/x"))
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(r.status(), 200);
+    assert_eq!(json(r).await["client_id"], "client-b");
+    assert_eq!(
+        h.emulator.token_requests(),
+        2,
+        "one token request for the changed credential"
+    );
+
+    // 3. An invalid file is refused; the old configuration keeps serving.
+    write(
+        &dir,
+        "proxy.toml",
+        &format!("{with_route}\nbogus_key = 1\n"),
+    );
+    let error = h.proxy.reload_from(&path).await.expect_err("refused");
+    assert!(error.to_string().contains("bogus_key"), "{error}");
+    write(&dir, "secret", "");
+    assert!(
+        h.proxy.reload_from(&path).await.is_err(),
+        "an empty secret file is refused too"
+    );
+    let r = h
+        .http
+        .post(h.url("/authoring"))
+        .body("{}")
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(r.status(), 200, "still serving the previous configuration");
+    assert_eq!(
+        h.emulator.token_requests(),
+        2,
+        "a refused reload costs no token"
+    );
+    let outcomes = h.proxy.shared().metrics.encode();
+    let m = samples(&outcomes);
+    assert_eq!(
+        m.get(r#"config_reloads_total{outcome="success"}"#),
+        Some(&2.0)
+    );
+    assert_eq!(
+        m.get(r#"config_reloads_total{outcome="error"}"#),
+        Some(&2.0)
+    );
+    h.base.clear();
+}
+
+#[tokio::test]
+async fn drain_finishes_a_streaming_request_and_refuses_new_connections() {
+    let h = Harness::start().await;
+    h.wait_ready().await;
+    const SIZE: usize = 64 * 1024;
+    let url = format!(
+        "{}?emulator_bytes={SIZE}&emulator_chunk=4096&emulator_chunk_delay_ms=40",
+        h.url("/deploy/api/logs")
+    );
+    let mut response = h.http.get(&url).send().await.expect("response");
+    assert_eq!(response.status(), 200);
+    let first = response.chunk().await.expect("chunk").expect("first chunk");
+    let mut received = first.len();
+
+    h.proxy.shutdown();
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            std::net::TcpStream::connect_timeout(&h.proxy.local_addr(), Duration::from_millis(200))
+                .is_err()
+        })
+        .await,
+        "the listener stops accepting"
+    );
+    while let Some(chunk) = response.chunk().await.expect("chunk") {
+        received += chunk.len();
+    }
+    assert_eq!(received, SIZE, "the in-flight stream finished");
+    assert!(
+        eventually(Duration::from_secs(2), || h
+            .proxy
+            .stats()
+            .inflight
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0)
+        .await
+    );
+}
+
+#[cfg(unix)]
+mod binary {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    fn kill(pid: u32, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// The real binary: SIGHUP reloads, a bad file is refused and logged, SIGTERM drains and
+    /// exits 0.
+    #[tokio::test]
+    async fn sighup_reloads_and_sigterm_exits_zero() {
+        let emulator = Emulator::builder().start().await.expect("emulator");
+        let dir = temp_dir("binary");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("probe")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let config = |extra: &str| {
+            format!(
+                "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"5s\"\n\n[credentials.automation]\n\
+                 client_id = \"{}\"\nclient_secret = \"{}\"\ntoken_url = \"{}\"\n\n[[routes]]\nprefix = \"/deploy\"\n\
+                 upstream = \"{}\"\ncredential = \"automation\"\n{extra}",
+                sitecore_auth_proxy::emulator::DEFAULT_CLIENT_ID,
+                sitecore_auth_proxy::emulator::DEFAULT_CLIENT_SECRET,
+                emulator.token_url(),
+                emulator.api_base(sitecore_auth_proxy::emulator::Api::Deploy),
+            )
+        };
+        let path = write(&dir, "proxy.toml", &config(""));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sitecore-auth-proxy"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let pid = child.id();
+        let stderr = child.stderr.take().expect("stderr");
+        let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = lines_tx.send(line);
+            }
+        });
+        let base = format!("http://127.0.0.1:{port}");
+        let http = support::client();
+        let up = async {
+            for _ in 0..200 {
+                if let Ok(r) = http.get(format!("{base}/deploy/x")).send().await {
+                    return r.status().as_u16();
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            0
+        };
+        assert_eq!(up.await, 200);
+        assert_eq!(
+            http.get(format!("{base}/authoring"))
+                .send()
+                .await
+                .expect("r")
+                .status(),
+            404
+        );
+
+        let added = format!(
+            "\n[[routes]]\nprefix = \"/authoring\"\nupstream = \"{}\"\ncredential = \"automation\"\n",
+            emulator.api_base(sitecore_auth_proxy::emulator::Api::Authoring)
+        );
+        write(&dir, "proxy.toml", &config(&added));
+        kill(pid, "-HUP");
+        let mut ok = false;
+        for _ in 0..100 {
+            let r = http
+                .post(format!("{base}/authoring"))
+                .body("{}")
+                .send()
+                .await
+                .expect("r");
+            if r.status() == 200 {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(ok, "SIGHUP applied the new route");
+
+        write(&dir, "proxy.toml", "[server]\nlisten = 12\n");
+        kill(pid, "-HUP");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut refused = false;
+        while std::time::Instant::now() < deadline && !refused {
+            if let Ok(line) = lines_rx.recv_timeout(Duration::from_millis(100)) {
+                refused = line.contains("reload refused") && line.contains("server.listen");
+            }
+        }
+        assert!(refused, "the refusal is logged with the problem");
+        let r = http
+            .post(format!("{base}/authoring"))
+            .body("{}")
+            .send()
+            .await
+            .expect("r");
+        assert_eq!(r.status(), 200, "the previous configuration keeps serving");
+
+        kill(pid, "-TERM");
+        let status = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .expect("join")
+            .expect("wait");
+        assert_eq!(status.code(), Some(0), "SIGTERM drains and exits 0");
+        assert_eq!(emulator.token_requests(), 1, "reloads kept the token");
+        drop(Path::new(""));
+    }
+}
