@@ -6,6 +6,9 @@
 //!   an `Arc` clone) from 1 thread and from every core at once, against a real emulator token;
 //! - `headers/*`: request header hygiene (hop-by-hop and inbound credentials) on a realistic map,
 //!   and the upstream URI rewrite;
+//! - `inbound/*`: the client key check (`Clients::check_key`, SHA-256 and a constant-time compare
+//!   against every client) over 1, 10 and 100 clients, and `Clients::authenticate` with a key
+//!   and with a token issued by the local token endpoint;
 //! - `pipeline/*`: one whole request through the proxy on 127.0.0.1 to an in-process upstream
 //!   that answers 200 without verifying anything, next to the same request sent directly, so the
 //!   difference is what the proxy adds (HTTP/1.1 keep-alive and HTTP/2 prior knowledge).
@@ -33,6 +36,7 @@ use hyper_util::server::conn::auto;
 use sitecore_auth_proxy::app::{self, Options, RunningProxy};
 use sitecore_auth_proxy::config::{Config, RouteSettings};
 use sitecore_auth_proxy::emulator::Emulator;
+use sitecore_auth_proxy::inbound::Clients;
 use sitecore_auth_proxy::routes::{check_path, Route, RouteTable};
 use sitecore_auth_proxy::upstream::{strip_hop_by_hop, strip_inbound_credentials};
 use tokio::net::TcpListener;
@@ -181,6 +185,68 @@ fn bench_headers(c: &mut Criterion) {
             black_box(uri)
         })
     });
+    group.finish();
+}
+
+// -------------------------------------------------------------------------------- inbound
+
+/// A configuration with `n` clients whose keys are `client-key-<i>`.
+fn clients_config(n: usize) -> Config {
+    let mut text = String::from(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n\
+         [credentials.automation]\nclient_id = \"id\"\nclient_secret = \"secret\"\n\n\
+         [[routes]]\nprefix = \"/deploy\"\nupstream = \"https://xmclouddeploy-api.sitecorecloud.io\"\n\
+         credential = \"automation\"\n",
+    );
+    for i in 0..n {
+        text.push_str(&format!(
+            "\n[[clients]]\nname = \"client-{i:03}\"\nkey = \"client-key-{i:03}-5b0b3a1e9f2c4d7a8e6f\"\n"
+        ));
+    }
+    Config::parse(&text, Path::new("bench.toml"), &|_| None).expect("clients config")
+}
+
+fn bench_inbound(c: &mut Criterion) {
+    let mut group = c.benchmark_group("inbound");
+    for n in [1usize, 10, 100] {
+        let clients = Clients::from_config(&clients_config(n)).expect("clients");
+        let last = format!("client-key-{:03}-5b0b3a1e9f2c4d7a8e6f", n - 1);
+        assert!(clients.check_key(&last).is_some());
+        group.bench_with_input(BenchmarkId::new("check_key_hit", n), &last, |b, key| {
+            b.iter(|| black_box(clients.check_key(black_box(key)).is_some()))
+        });
+        group.bench_function(BenchmarkId::new("check_key_miss", n), |b| {
+            b.iter(|| black_box(clients.check_key(black_box("not-a-client-key")).is_some()))
+        });
+        let mut headers = realistic_headers("keep-alive");
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {last}")).expect("header"),
+        );
+        group.bench_with_input(
+            BenchmarkId::new("authenticate_key", n),
+            &headers,
+            |b, headers| b.iter(|| black_box(clients.authenticate(black_box(headers)).is_ok())),
+        );
+        let expires_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+            + 3600;
+        let token = clients
+            .issue_token(&format!("client-{:03}", n - 1), expires_at)
+            .expect("issued token");
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
+        );
+        assert!(clients.authenticate(&headers).is_ok());
+        group.bench_with_input(
+            BenchmarkId::new("authenticate_issued_token", n),
+            &headers,
+            |b, headers| b.iter(|| black_box(clients.authenticate(black_box(headers)).is_ok())),
+        );
+    }
     group.finish();
 }
 
@@ -347,6 +413,7 @@ criterion_group!(
     bench_routes,
     bench_check_path,
     bench_headers,
+    bench_inbound,
     bench_live
 );
 criterion_main!(benches);

@@ -213,10 +213,11 @@ fn env_references(text: &str) -> Vec<String> {
 
 /// A string that is exactly one `${NAME}` reference: the value itself lives in the environment.
 fn is_whole_reference(text: &str) -> bool {
-    text.starts_with("${")
-        && text.ends_with('}')
-        && env_references(text).len() == 1
-        && text.len() == env_references(text)[0].len() + 3
+    text.strip_prefix("${")
+        .and_then(|rest| rest.strip_suffix('}'))
+        .is_some_and(|name| {
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        })
 }
 
 /// Every string value under `key` names anywhere in the table, with its dotted key path.
@@ -262,10 +263,11 @@ fn parse_as_deployed(label: &str, text: &str) -> Config {
         let local = local.to_str().expect("UTF-8 temp path").replace('\\', "/");
         text = text.replace(&format!("\"{original}\""), &format!("\"{local}\""));
     }
-    Config::parse(&text, &dir.join("proxy.toml"), &|name| {
+    let parsed = Config::parse(&text, &dir.join("proxy.toml"), &|name| {
         Some(format!("dummy-{name}"))
-    })
-    .unwrap_or_else(|e| panic!("{label}: the configuration does not validate:\n{e}"))
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    parsed.unwrap_or_else(|e| panic!("{label}: the configuration does not validate:\n{e}"))
 }
 
 /// Seconds of a preStop `sleep` action, if the container has one.

@@ -336,8 +336,8 @@ daemon off;
 master_process on;
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
-worker_rlimit_nofile 65536;
-events {{ worker_connections 20000; }}
+worker_rlimit_nofile 16384;
+events {{ worker_connections 8000; }}
 http {{
     access_log {d}/access.log;
     client_body_temp_path {d}/body;
@@ -377,7 +377,7 @@ def start_haproxy(env):
     with open(cfg, "w") as f:
         f.write(f"""global
     nbthread {NCPU}
-    maxconn 20000
+    maxconn 8000
     log stdout format raw local0
 
 defaults
@@ -635,9 +635,10 @@ def main():
             with urllib.request.urlopen(h1, timeout=10) as r:
                 assert r.status == 200, name
             run_wrk(h1, a.conns, 1)
-        samples = {"h1": {n: [] for n in contenders}, "h2": {n: [] for n in contenders}}
+        protos = ("h1", "h2", "h1-c1")
+        samples = {proto: {n: [] for n in contenders} for proto in protos}
         for rep in range(reps):
-            for proto in ("h1", "h2"):
+            for proto in protos:
                 for name, (proc, h1, h2) in contenders.items():
                     log(f"rep {rep + 1}/{reps} {proto} {name}")
                     pids = {"upstream": env.upstream.pid}
@@ -645,6 +646,9 @@ def main():
                         pids["contender"] = proc.pid
                     if proto == "h1":
                         r = measured(lambda: run_wrk(h1, a.conns, duration), pids)
+                    elif proto == "h1-c1":
+                        # One connection, one request at a time: latency without queueing.
+                        r = measured(lambda: run_wrk(h1, 1, duration), pids)
                     else:
                         r = measured(lambda: run_h2load(h2, a.h2_conns, a.h2_streams, duration, workdir), pids)
                     samples[proto][name].append(r)
@@ -665,6 +669,7 @@ def main():
             "command": "bash benches/load/run.sh" + (" --quick" if a.quick else ""),
             "settings": {
                 "reps": reps, "duration_s": duration, "wrk": f"-t1 -c{a.conns} --latency",
+                "wrk_latency": "-t1 -c1 --latency (row h1-c1)",
                 "h2load": f"-t1 -c{a.h2_conns} -m{a.h2_streams} --warm-up-time=1",
                 "upstream_threads": a.upstream_threads, "request_path": CLIENT_PATH,
             },
@@ -688,7 +693,7 @@ def main():
             json.dump(report, f, indent=2)
         print(f"\nMachine: {report['machine']['nproc']} x {report['machine']['cpu']}, kernel {report['machine']['kernel']}")
         print(f"Settings: {json.dumps(report['settings'])}\n")
-        for proto in ("h1", "h2"):
+        for proto in protos:
             print(table(results, proto))
             print()
         print("Probes:")

@@ -65,7 +65,12 @@ fn minimal_file_gets_the_documented_defaults() {
     assert_eq!(config.path, Path::new("/etc/proxy/proxy.toml"));
 
     let s = &config.server;
-    assert_eq!(s.listen, "127.0.0.1:8080".parse::<SocketAddr>().unwrap());
+    assert_eq!(
+        s.listen,
+        "127.0.0.1:8080"
+            .parse::<SocketAddr>()
+            .expect("valid literal")
+    );
     assert_eq!(s.tls, None);
     assert!(!s.allow_anonymous);
     assert_eq!(s.token_endpoint.as_deref(), Some("/oauth/token"));
@@ -179,7 +184,12 @@ key_sha256 = "ABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABAB"
 "#;
     let config = parse_ok(text);
     let s = &config.server;
-    assert_eq!(s.listen, "127.0.0.2:18080".parse::<SocketAddr>().unwrap());
+    assert_eq!(
+        s.listen,
+        "127.0.0.2:18080"
+            .parse::<SocketAddr>()
+            .expect("valid literal")
+    );
     assert!(s.allow_anonymous);
     assert_eq!(s.token_endpoint, None);
     assert_eq!(s.request_timeout, Duration::from_secs(121));
@@ -193,7 +203,7 @@ key_sha256 = "ABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABAB"
     assert!(!s.rewrite_location);
     assert_eq!(
         config.admin.as_ref().map(|a| a.listen),
-        Some("127.0.0.1:19090".parse().unwrap())
+        Some("127.0.0.1:19090".parse().expect("valid literal"))
     );
 
     let o = oauth(&config, "automation");
@@ -351,10 +361,16 @@ routes = ["${ROUTE}"]
 fn bad_references_are_problems() {
     let expand = |text: &str| env::expand(text, &|_| Some("v".to_owned()));
     assert_eq!(expand("a$b$$c${X}").as_deref(), Ok("a$b$cv"));
-    assert!(expand("${X").unwrap_err().contains("unterminated"));
-    assert!(expand("${}").unwrap_err().contains("not a valid"));
-    assert!(expand("${1A}").unwrap_err().contains("not a valid"));
-    let unset = env::expand("${A}${B}${A}", &no_env).unwrap_err();
+    assert!(expand("${X")
+        .expect_err("should fail")
+        .contains("unterminated"));
+    assert!(expand("${}")
+        .expect_err("should fail")
+        .contains("not a valid"));
+    assert!(expand("${1A}")
+        .expect_err("should fail")
+        .contains("not a valid"));
+    let unset = env::expand("${A}${B}${A}", &no_env).expect_err("should fail");
     assert_eq!(unset, "environment variables A, B are not set");
 }
 
@@ -485,7 +501,7 @@ fn file_level_problems() {
 #[test]
 fn unreadable_file_is_one_problem_with_an_empty_key() {
     let path = Path::new("/nonexistent/sitecore-auth-proxy/proxy.toml");
-    let error = Config::load(path).unwrap_err();
+    let error = Config::load(path).expect_err("should fail");
     assert_eq!(error.path, path);
     assert_eq!(error.problems.len(), 1);
     assert_eq!(error.problems[0].key, "");
@@ -497,8 +513,8 @@ fn unreadable_file_is_one_problem_with_an_empty_key() {
 
 #[test]
 fn display_is_one_line_per_problem() {
-    let error =
-        parse("[admin]\nlisten = \"nowhere\"\n[server]\nmax_connections = -1\n").unwrap_err();
+    let error = parse("[admin]\nlisten = \"nowhere\"\n[server]\nmax_connections = -1\n")
+        .expect_err("should fail");
     let text = error.to_string();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
@@ -733,7 +749,7 @@ fn sizes() {
         "99999999999999999999",
         "18446744073709551615GiB",
     ] {
-        let message = parse_size(bad).unwrap_err();
+        let message = parse_size(bad).expect_err("should fail");
         assert!(message.contains("\"1MiB\""), "{message}");
     }
 }
@@ -746,7 +762,7 @@ fn durations() {
     assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
     assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
     for bad in ["", "30", "soon", "5 parsecs", "-1s"] {
-        let message = parse_duration(bad).unwrap_err();
+        let message = parse_duration(bad).expect_err("should fail");
         assert!(message.contains("\"30s\""), "{message}");
     }
     let p = problems(

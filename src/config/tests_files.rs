@@ -245,7 +245,7 @@ client_secret = "x"
 fn load_reports_a_file_that_is_not_utf8() {
     let dir = TempDir::new("binary");
     let path = dir.write("proxy.toml", [0xff, 0xfe, 0x00, b'[']);
-    let error = Config::load(&path).unwrap_err();
+    let error = Config::load(&path).expect_err("should fail");
     assert_eq!(error.problems.len(), 1);
     assert_eq!(error.problems[0].key, "");
     assert!(error.problems[0].message.contains("UTF-8"));
