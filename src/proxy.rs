@@ -28,7 +28,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::body::ProxyBody;
+use crate::body::{read_ahead, ProxyBody, ReadAhead};
 use crate::error::ProxyError;
 use crate::inbound::{ClientIdentity, Clients};
 use crate::metrics::{Metrics, RequestLabels, RouteLabels, UpstreamErrorLabels};
@@ -152,6 +152,10 @@ async fn proxy(
     if req.method() == Method::CONNECT {
         return Err(ProxyError::MethodNotAllowed);
     }
+    // Body framing is settled by hyper before this point: conflicting Content-Lengths and
+    // unknown codings are 400s; Content-Length beside Transfer-Encoding is dropped (RFC 9112
+    // section 6.1) and the connection closes after the response. The forwarded request is
+    // re-framed from the body alone, so the upstream never sees two framings.
     check_path(req.uri().path()).map_err(|e| {
         ProxyError::BadRequest(match e {
             PathError::NotAbsolute => "The request path must start with '/'.",
@@ -231,19 +235,19 @@ async fn proxy(
     }
     headers.insert(auth_name, auth_value);
 
-    // A body that fits the replay buffer is read first so it can be sent again after a 401;
-    // anything larger (or of unknown length) streams through untouched.
-    let replayable =
-        token.is_some() && replayable_len(&headers, &body, rt.replay_body_limit).is_some();
-    let (replay, first_body) = if replayable {
-        let bytes = body
-            .collect()
+    // Bodies are read ahead up to `replay_body_limit`: a small one is checked whole (bad
+    // chunking or a short body is refused before anything is sent) and kept for a replay after
+    // a 401; a larger one streams (after what was read, when its length was not declared).
+    let (replay, first_body) = match declared_len(&headers, &body) {
+        Some(len) if len > rt.replay_body_limit => (None, ProxyBody::Incoming(body)),
+        _ if body.is_end_stream() => (Some(Bytes::new()), ProxyBody::Empty),
+        _ => match read_ahead(body, rt.replay_body_limit)
             .await
-            .map_err(|_| ProxyError::BadRequest("The request body could not be read."))?
-            .to_bytes();
-        (Some(bytes.clone()), ProxyBody::full(bytes))
-    } else {
-        (None, ProxyBody::Incoming(body))
+            .map_err(|_| ProxyError::BadRequest("The request body is malformed or incomplete."))?
+        {
+            ReadAhead::Complete(bytes) => (Some(bytes.clone()), ProxyBody::full(bytes)),
+            ReadAhead::Partial(body) => (None, body),
+        },
     };
     let method = parts.method;
     let first = build_request(&method, &uri, headers.clone(), first_body);
@@ -351,18 +355,14 @@ async fn fresh_token(credential: &OAuthCredential, used: &Arc<Token>) -> Option<
     }
 }
 
-/// The body length if it is known and small enough to keep for a replay.
-fn replayable_len(headers: &HeaderMap, body: &Incoming, limit: u64) -> Option<u64> {
-    if body.is_end_stream() {
-        return Some(0);
-    }
-    let declared = body.size_hint().exact().or_else(|| {
+/// The body length the request declares (HTTP/1.1 `Content-Length`, or HTTP/2's exact hint).
+fn declared_len(headers: &HeaderMap, body: &Incoming) -> Option<u64> {
+    body.size_hint().exact().or_else(|| {
         headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
-    })?;
-    (declared <= limit).then_some(declared)
+    })
 }
 
 fn build_request(

@@ -12,8 +12,7 @@ use support::{json, Harness, Setup};
 async fn two_hundred_concurrent_cold_requests_share_one_token_request() {
     // The token endpoint answers slowly, so every request arrives while the first fetch is in
     // flight and must join it.
-    let mut setup = Setup::default();
-    setup.emulator = Emulator::builder();
+    let setup = Setup::default();
     let emulator = setup.emulator.clone().start().await.expect("emulator");
     emulator.set_token_fault(Some(TokenFault::Delay(Duration::from_millis(500))));
     let text = support::config_text(&setup, &emulator);

@@ -22,6 +22,8 @@ mod values;
 mod tests;
 #[cfg(test)]
 mod tests_files;
+#[cfg(test)]
+mod tests_values;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

@@ -172,6 +172,11 @@ pub(super) async fn serve(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    if let Site::Api(family) = site {
+                        if let Ok(mut counts) = shared.connections.lock() {
+                            *counts.entry(family).or_default() += 1;
+                        }
+                    }
                     connections.spawn(serve_connection(
                         stream,
                         tls.clone(),

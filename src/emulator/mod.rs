@@ -311,6 +311,15 @@ impl Emulator {
         self.shared.keys.active_kid().to_owned()
     }
 
+    /// Connections the API host serving `api` has accepted (pooling shows as few connections).
+    pub fn upstream_connections(&self, api: Api) -> u64 {
+        self.shared
+            .connections
+            .lock()
+            .map(|c| c.get(&api.family()).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
     /// Every request the emulated APIs received, in order, including rejected ones (the most
     /// recent [`EmulatorBuilder::log_limit`]).
     pub fn seen_requests(&self) -> Vec<SeenRequest> {
@@ -399,6 +408,8 @@ struct Shared {
     token_requests_ok: AtomicU64,
     jwks_requests: AtomicU64,
     upstream_requests: AtomicU64,
+    /// Accepted connections per API host.
+    connections: Mutex<HashMap<Family, u64>>,
     token_log: Mutex<VecDeque<TokenRequestRecord>>,
     /// Seen requests with an id, so the body digest can be filled in once the body is read.
     seen: Mutex<VecDeque<(u64, SeenRequest)>>,
@@ -418,6 +429,7 @@ impl Shared {
             token_requests: AtomicU64::new(0),
             token_requests_ok: AtomicU64::new(0),
             jwks_requests: AtomicU64::new(0),
+            connections: Mutex::new(HashMap::new()),
             upstream_requests: AtomicU64::new(0),
             token_log: Mutex::new(VecDeque::new()),
             seen: Mutex::new(VecDeque::new()),

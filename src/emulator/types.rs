@@ -72,7 +72,7 @@ impl Api {
 }
 
 /// A host family: one listener each. Edge Admin and Edge Token share the Edge host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) enum Family {
     Authoring,
     Deploy,
