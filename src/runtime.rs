@@ -58,7 +58,7 @@ impl Runtime {
             .map_err(|e| BuildError(format!("upstream TLS roots: {e}")))?;
         let client =
             upstream::build_client(tls.clone(), server.connect_timeout, server.idle_timeout);
-        let http = token_http_client(tls, server.connect_timeout)?;
+        let http = token_http_client(tls, server.connect_timeout, tuning.token_request_timeout)?;
 
         let mut jwks: BTreeMap<String, Arc<Jwks>> = BTreeMap::new();
         let mut credentials = HashMap::new();
@@ -140,11 +140,12 @@ impl Runtime {
 fn token_http_client(
     tls: rustls::ClientConfig,
     connect_timeout: Duration,
+    timeout: Duration,
 ) -> Result<reqwest::Client, BuildError> {
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .connect_timeout(connect_timeout)
-        .timeout(Duration::from_secs(30))
+        .timeout(timeout)
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("sitecore-auth-proxy/", env!("CARGO_PKG_VERSION")))
         .build()

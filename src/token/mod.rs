@@ -183,6 +183,8 @@ pub struct Tuning {
     pub min_refresh_interval: Duration,
     /// How long a request waits on a cold cache before giving up.
     pub max_wait: Duration,
+    /// Whole-exchange timeout of one token endpoint or JWKS request.
+    pub token_request_timeout: Duration,
 }
 
 impl Default for Tuning {
@@ -193,6 +195,7 @@ impl Default for Tuning {
             forced_refresh_interval: Duration::from_secs(30),
             min_refresh_interval: Duration::from_secs(1),
             max_wait: Duration::from_secs(30),
+            token_request_timeout: Duration::from_secs(30),
         }
     }
 }
