@@ -90,9 +90,13 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(settings.max_connections));
 
+    // Every connection task, so what outlives the grace can be cut.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
+            // Reap finished connections so the set does not grow.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             _ = shutdown.wait_for(|stop| *stop) => break,
         };
         let (mut stream, peer) = match accepted {
@@ -124,7 +128,7 @@ pub async fn serve(
         let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();
         let handshake_timeout = settings.header_read_timeout;
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _permit = permit;
             match tls {
                 None => {
@@ -183,7 +187,11 @@ pub async fn serve(
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("drained"),
         _ = tokio::time::sleep(settings.shutdown_grace) => {
-            tracing::warn!("shutdown grace elapsed; cutting the remaining connections");
+            tracing::warn!(
+                inflight_requests = stats.inflight.load(std::sync::atomic::Ordering::Relaxed),
+                "shutdown grace elapsed; cutting the remaining connections and requests"
+            );
         }
     }
+    connections.shutdown().await;
 }

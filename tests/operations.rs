@@ -478,3 +478,39 @@ mod binary {
         assert_eq!(emulator.token_requests(), 1, "reloads kept the token");
     }
 }
+
+#[tokio::test]
+async fn what_outlives_the_grace_is_cut() {
+    let h = Harness::with(Setup {
+        server_extra: "shutdown_grace = \"1s\"\n".into(),
+        ..Setup::default()
+    })
+    .await;
+    h.wait_ready().await;
+    const SIZE: usize = 4 * 1024 * 1024;
+    let url = format!(
+        "{}?emulator_bytes={SIZE}&emulator_chunk=4096&emulator_chunk_delay_ms=20",
+        h.url("/deploy/api/logs")
+    );
+    let mut response = h.http.get(&url).send().await.expect("response");
+    let mut received = response
+        .chunk()
+        .await
+        .expect("chunk")
+        .map_or(0, |c| c.len());
+    let Harness { proxy, .. } = h;
+    proxy.shutdown();
+    tokio::time::timeout(Duration::from_secs(10), proxy.wait())
+        .await
+        .expect("the drain ends after the grace, not when the stream does");
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => received += chunk.len(),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    assert!(
+        received < SIZE,
+        "the stream was cut at the grace: {received} of {SIZE}"
+    );
+}
