@@ -44,12 +44,7 @@ async fn graphql_post_reaches_authoring_with_an_accepted_token() {
 #[tokio::test]
 async fn rest_get_reaches_deploy_at_the_rewritten_path() {
     let h = Harness::start().await;
-    let response = h
-        .http
-        .get(h.url("/deploy/api/projects/v1"))
-        .send()
-        .await
-        .expect("response");
+    let response = h.get("/deploy/api/projects/v1").await;
     assert_eq!(response.status(), 200);
     let echo = json(response).await;
     assert_eq!(echo["api"], "deploy");
@@ -57,12 +52,7 @@ async fn rest_get_reaches_deploy_at_the_rewritten_path() {
     assert_eq!(echo["path"], "/api/projects/v1");
     assert_eq!(echo["query"], serde_json::Value::Null);
 
-    let response = h
-        .http
-        .get(h.url("/edge-admin/content/x"))
-        .send()
-        .await
-        .expect("response");
+    let response = h.get("/edge-admin/content/x").await;
     let echo = json(response).await;
     assert_eq!(echo["api"], "edge-admin");
     assert_eq!(echo["path"], "/api/admin/v1/content/x");
@@ -108,7 +98,7 @@ async fn prefixes_match_on_segment_boundaries_only() {
             Some("/api/environments/v2/abc"),
         ),
     ] {
-        let response = h.http.get(h.url(path)).send().await.expect("response");
+        let response = h.get(path).await;
         assert_eq!(response.status(), 200, "{path}");
         assert_eq!(
             json(response).await["path"],
@@ -122,7 +112,7 @@ async fn prefixes_match_on_segment_boundaries_only() {
         "/",
         "/authoringx",
     ] {
-        let response = h.http.get(h.url(path)).send().await.expect("response");
+        let response = h.get(path).await;
         assert_eq!(response.status(), 404, "{path}");
         assert_eq!(
             response.headers()["content-type"],

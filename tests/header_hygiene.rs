@@ -23,12 +23,7 @@ async fn hop_by_hop_response_headers_never_reach_the_client() {
         ..Setup::default()
     })
     .await;
-    let response = h
-        .http
-        .get(h.url("/raw/x?a=1"))
-        .send()
-        .await
-        .expect("response");
+    let response = h.get("/raw/x?a=1").await;
     assert_eq!(response.status(), 200);
     let headers = response.headers();
     for name in [
@@ -97,12 +92,7 @@ async fn forwarded_headers_are_added_only_when_enabled() {
 async fn request_ids_are_passed_upstream_and_returned() {
     let h = Harness::start().await;
     // Generated when absent: the same id upstream and back.
-    let response = h
-        .http
-        .get(h.url("/deploy/x"))
-        .send()
-        .await
-        .expect("response");
+    let response = h.get("/deploy/x").await;
     let returned = response.headers()["x-request-id"]
         .to_str()
         .expect("ascii")
@@ -144,12 +134,7 @@ async fn request_ids_are_passed_upstream_and_returned() {
     );
 
     // Errors the proxy produces carry one too.
-    let response = h
-        .http
-        .get(h.url("/nowhere"))
-        .send()
-        .await
-        .expect("response");
+    let response = h.get("/nowhere").await;
     assert!(response.headers().contains_key("x-request-id"));
 }
 

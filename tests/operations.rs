@@ -80,21 +80,11 @@ async fn metrics_match_what_happened() {
     })
     .await;
     for _ in 0..5 {
-        let r = h
-            .http
-            .get(h.url("/deploy/api/projects/v1"))
-            .send()
-            .await
-            .expect("response");
+        let r = h.get("/deploy/api/projects/v1").await;
         assert_eq!(r.status(), 200);
         r.bytes().await.expect("body");
     }
-    let r = h
-        .http
-        .get(h.url("/nowhere"))
-        .send()
-        .await
-        .expect("response");
+    let r = h.get("/nowhere").await;
     assert_eq!(r.status(), 404);
     r.bytes().await.expect("body");
 
@@ -265,12 +255,7 @@ async fn reload_adds_routes_keeps_tokens_and_refuses_bad_files() {
         &with_route.replace("client-a", "client-b"),
     );
     h.proxy.reload_from(&path).await.expect("reload");
-    let r = h
-        .http
-        .get(h.url("/deploy/x"))
-        .send()
-        .await
-        .expect("response");
+    let r = h.get("/deploy/x").await;
     assert_eq!(r.status(), 200);
     assert_eq!(json(r).await["client_id"], "client-b");
     assert_eq!(
@@ -503,11 +488,8 @@ async fn what_outlives_the_grace_is_cut() {
     tokio::time::timeout(Duration::from_secs(10), proxy.wait())
         .await
         .expect("the drain ends after the grace, not when the stream does");
-    loop {
-        match response.chunk().await {
-            Ok(Some(chunk)) => received += chunk.len(),
-            Ok(None) | Err(_) => break,
-        }
+    while let Ok(Some(chunk)) = response.chunk().await {
+        received += chunk.len();
     }
     assert!(
         received < SIZE,

@@ -12,11 +12,10 @@ use support::{json, Harness, Setup};
 async fn two_hundred_concurrent_cold_requests_share_one_token_request() {
     // The token endpoint answers slowly, so every request arrives while the first fetch is in
     // flight and must join it.
-    let setup = Setup::default();
-    let emulator = setup.emulator.clone().start().await.expect("emulator");
-    emulator.set_token_fault(Some(TokenFault::Delay(Duration::from_millis(500))));
-    let text = support::config_text(&setup, &emulator);
-    let h = Harness::from_text(emulator, &text, setup.tuning).await;
+    let h = Harness::prepared(Setup::default(), |emulator| {
+        emulator.set_token_fault(Some(TokenFault::Delay(Duration::from_millis(500))));
+    })
+    .await;
 
     let mut tasks = Vec::new();
     for i in 0..200 {
@@ -40,19 +39,13 @@ async fn two_hundred_concurrent_cold_requests_share_one_token_request() {
 }
 
 async fn assert_never_injected(fault: TokenFault) {
-    let setup = Setup::default();
-    let emulator = setup.emulator.clone().start().await.expect("emulator");
-    emulator.set_token_fault(Some(fault.clone()));
-    let text = support::config_text(&setup, &emulator);
-    let h = Harness::from_text(emulator, &text, setup.tuning).await;
+    let h = Harness::prepared(Setup::default(), |emulator| {
+        emulator.set_token_fault(Some(fault.clone()));
+    })
+    .await;
 
     for _ in 0..3 {
-        let response = h
-            .http
-            .get(h.url("/deploy/api/projects/v1"))
-            .send()
-            .await
-            .expect("response");
+        let response = h.get("/deploy/api/projects/v1").await;
         assert_eq!(response.status(), 503, "{fault:?}");
         assert!(response.headers().contains_key("retry-after"), "{fault:?}");
         let body = json(response).await;
@@ -116,12 +109,7 @@ async fn secret_with_form_special_characters_arrives_intact() {
             ..Setup::default()
         };
         let h = Harness::with(setup).await;
-        let response = h
-            .http
-            .get(h.url("/deploy/api/projects/v1"))
-            .send()
-            .await
-            .expect("response");
+        let response = h.get("/deploy/api/projects/v1").await;
         assert_eq!(response.status(), 200, "{format}");
         let log = h.emulator.token_request_log();
         assert_eq!(log.len(), 1, "{format}");
@@ -144,12 +132,7 @@ async fn wrong_client_secret_gives_503_and_nothing_upstream() {
         ..Setup::default()
     };
     let h = Harness::with(setup).await;
-    let response = h
-        .http
-        .get(h.url("/deploy/api/projects/v1"))
-        .send()
-        .await
-        .expect("response");
+    let response = h.get("/deploy/api/projects/v1").await;
     assert_eq!(response.status(), 503);
     let body = response.text().await.expect("body");
     assert!(body.contains("token_unavailable"));

@@ -25,12 +25,7 @@ async fn short_lived_tokens_refresh_in_the_background_without_any_request_waitin
     let mut served = 0u32;
     let deadline = Instant::now() + Duration::from_secs(20);
     while h.emulator.token_requests() < 4 && Instant::now() < deadline {
-        let response = h
-            .http
-            .get(h.url("/deploy/api/projects/v1"))
-            .send()
-            .await
-            .expect("response");
+        let response = h.get("/deploy/api/projects/v1").await;
         assert_eq!(response.status(), 200, "no request fails during refreshes");
         served += 1;
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -71,12 +66,7 @@ async fn a_429_retry_after_is_honoured() {
     );
 
     // Meanwhile requests fail fast with a Retry-After of their own.
-    let response = h
-        .http
-        .get(h.url("/deploy/x"))
-        .send()
-        .await
-        .expect("response");
+    let response = h.get("/deploy/x").await;
     assert_eq!(response.status(), 503);
     let retry_after: u64 = response.headers()["retry-after"]
         .to_str()
@@ -92,12 +82,7 @@ async fn a_429_retry_after_is_honoured() {
 
     assert!(eventually(Duration::from_secs(6), || credential.current().is_some()).await);
     assert_eq!(h.emulator.token_requests(), 2);
-    let response = h
-        .http
-        .get(h.url("/deploy/x"))
-        .send()
-        .await
-        .expect("response");
+    let response = h.get("/deploy/x").await;
     assert_eq!(response.status(), 200);
 }
 
@@ -123,22 +108,16 @@ async fn server_errors_then_recovery() {
     let status = credential.status();
     assert_eq!(status.consecutive_failures, 0);
     assert!(status.last_error.is_none());
-    let response = h
-        .http
-        .get(h.url("/deploy/x"))
-        .send()
-        .await
-        .expect("response");
+    let response = h.get("/deploy/x").await;
     assert_eq!(response.status(), 200);
 }
 
 #[tokio::test]
 async fn concurrent_waiters_on_a_failing_fetch_all_fail_at_once() {
-    let setup = Setup::default();
-    let emulator = setup.emulator.clone().start().await.expect("emulator");
-    emulator.set_token_fault(Some(TokenFault::AccessDenied));
-    let text = support::config_text(&setup, &emulator);
-    let h = Harness::from_text(emulator, &text, setup.tuning).await;
+    let h = Harness::prepared(Setup::default(), |emulator| {
+        emulator.set_token_fault(Some(TokenFault::AccessDenied));
+    })
+    .await;
 
     let mut tasks = Vec::new();
     for _ in 0..50 {
@@ -189,12 +168,7 @@ async fn token_endpoint_down_at_start_then_recovery_without_restart() {
     let h = Harness::from_text(emulator, &text, setup.tuning).await;
 
     let started = Instant::now();
-    let response = h
-        .http
-        .get(h.url("/deploy/x"))
-        .send()
-        .await
-        .expect("response");
+    let response = h.get("/deploy/x").await;
     assert_eq!(response.status(), 503);
     assert!(response.headers().contains_key("retry-after"));
     assert_eq!(json(response).await["error"], "token_unavailable");
@@ -219,12 +193,7 @@ async fn token_endpoint_down_at_start_then_recovery_without_restart() {
     });
     let credential = h.proxy.credential("automation").expect("credential");
     assert!(eventually(Duration::from_secs(10), || credential.current().is_some()).await);
-    let response = h
-        .http
-        .get(h.url("/deploy/x"))
-        .send()
-        .await
-        .expect("response");
+    let response = h.get("/deploy/x").await;
     assert_eq!(response.status(), 200);
     assert_eq!(
         h.emulator.token_requests(),
@@ -298,12 +267,7 @@ async fn a_flood_of_401s_forces_at_most_one_refresh_per_interval() {
         );
     }
     for _ in 0..10 {
-        let r = h
-            .http
-            .get(h.url("/deploy/x"))
-            .send()
-            .await
-            .expect("response");
+        let r = h.get("/deploy/x").await;
         assert_eq!(r.status(), 401);
     }
     assert_eq!(
@@ -368,12 +332,7 @@ async fn key_rotation_is_followed_without_a_restart() {
         2,
         "the unknown kid triggered one JWKS refetch"
     );
-    let response = h
-        .http
-        .get(h.url("/deploy/x"))
-        .send()
-        .await
-        .expect("response");
+    let response = h.get("/deploy/x").await;
     assert_eq!(response.status(), 200);
     assert_eq!(rotated_kid, "emulator-key-2");
 }
@@ -388,12 +347,7 @@ async fn no_token_is_used_when_the_jwks_cannot_be_fetched() {
         ..Setup::default()
     };
     let h = Harness::with(setup).await;
-    let response = h
-        .http
-        .get(h.url("/deploy/x"))
-        .send()
-        .await
-        .expect("response");
+    let response = h.get("/deploy/x").await;
     assert_eq!(response.status(), 503);
     assert_eq!(h.emulator.upstream_requests(), 0);
     let credential = h.proxy.credential("automation").expect("credential");
@@ -405,11 +359,10 @@ async fn no_token_is_used_when_the_jwks_cannot_be_fetched() {
 
 #[tokio::test]
 async fn a_missing_expires_in_falls_back_to_the_jwt_exp() {
-    let setup = Setup::default();
-    let emulator = setup.emulator.clone().start().await.expect("emulator");
-    emulator.push_token_faults([TokenFault::NoExpiresIn]);
-    let text = support::config_text(&setup, &emulator);
-    let h = Harness::from_text(emulator, &text, setup.tuning).await;
+    let h = Harness::prepared(Setup::default(), |emulator| {
+        emulator.push_token_faults([TokenFault::NoExpiresIn]);
+    })
+    .await;
     h.wait_ready().await;
     let credential = h.proxy.credential("automation").expect("credential");
     let token = credential.current().expect("token");
@@ -421,11 +374,6 @@ async fn a_missing_expires_in_falls_back_to_the_jwt_exp() {
         left > Duration::from_secs(86_000),
         "lifetime taken from exp: {left:?}"
     );
-    let response = h
-        .http
-        .get(h.url("/deploy/x"))
-        .send()
-        .await
-        .expect("response");
+    let response = h.get("/deploy/x").await;
     assert_eq!(response.status(), 200);
 }

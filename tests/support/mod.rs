@@ -122,6 +122,29 @@ impl Harness {
         Harness::from_text(emulator, &text, setup.tuning).await
     }
 
+    /// Starts the emulator, lets `prepare` set its faults before the proxy's first token request,
+    /// then starts the proxy.
+    pub async fn prepared(setup: Setup, prepare: impl FnOnce(&Emulator)) -> Harness {
+        let emulator = setup
+            .emulator
+            .clone()
+            .start()
+            .await
+            .expect("emulator starts");
+        prepare(&emulator);
+        let text = config_text(&setup, &emulator);
+        Harness::from_text(emulator, &text, setup.tuning).await
+    }
+
+    /// `GET path` through the proxy.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("response")
+    }
+
     pub async fn from_text(emulator: Emulator, text: &str, tuning: Tuning) -> Harness {
         let config = parse(text);
         let proxy = app::start(config, Options { tuning })
