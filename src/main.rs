@@ -390,7 +390,7 @@ async fn healthcheck(admin: &str) -> ExitCode {
         Err(e) => {
             eprintln!(
                 "healthcheck: {url}: {}",
-                sitecore_auth_proxy::token::ErrorChain(&e)
+                sitecore_auth_proxy::token::ErrorChain(&e.without_url())
             );
             ExitCode::FAILURE
         }

@@ -200,3 +200,108 @@ fn the_repository_example_config_is_valid() {
         );
     }
 }
+
+#[tokio::test]
+async fn check_fetch_obtains_and_verifies_a_token_without_printing_it() {
+    use sitecore_auth_proxy::emulator::{Api, Emulator, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET};
+    let emulator = Emulator::builder().start().await.expect("emulator");
+    let text = format!(
+        "[credentials.automation]\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret = \"{DEFAULT_CLIENT_SECRET}\"\n\
+         token_url = \"{}\"\n\n[[routes]]\nprefix = \"/deploy\"\nupstream = \"{}\"\ncredential = \"automation\"\n",
+        emulator.token_url(),
+        emulator.api_base(Api::Deploy)
+    );
+    let path = temp_config("fetch", &text);
+    let output = tokio::task::spawn_blocking(move || {
+        bin()
+            .args(["check", "--fetch", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run")
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("credential automation: token OK"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("scopes:"), "{stdout}");
+    assert!(
+        !stdout.contains("eyJ"),
+        "the token is never printed: {stdout}"
+    );
+    assert!(!stdout.contains(DEFAULT_CLIENT_SECRET));
+    assert_eq!(emulator.token_requests(), 1);
+
+    // A wrong secret: the check fails, naming the credential and the OAuth error code only.
+    let path = temp_config(
+        "fetch-bad",
+        &text.replace(DEFAULT_CLIENT_SECRET, "wrong-secret"),
+    );
+    let output = tokio::task::spawn_blocking(move || {
+        bin()
+            .args(["check", "--fetch", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run")
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success());
+    assert!(
+        stdout.contains("credential automation: FAILED (access_denied)"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn healthcheck_exits_zero_only_when_healthz_answers() {
+    use sitecore_auth_proxy::emulator::{Api, Emulator, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET};
+    let emulator = Emulator::builder().start().await.expect("emulator");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[credentials.automation]\n\
+         client_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret = \"{DEFAULT_CLIENT_SECRET}\"\ntoken_url = \"{}\"\n\n\
+         [[routes]]\nprefix = \"/deploy\"\nupstream = \"{}\"\ncredential = \"automation\"\n",
+        emulator.token_url(),
+        emulator.api_base(Api::Deploy)
+    );
+    let config =
+        sitecore_auth_proxy::config::Config::parse(&text, std::path::Path::new("h.toml"), &|_| {
+            None
+        })
+        .expect("config");
+    let proxy = sitecore_auth_proxy::app::start(config, Default::default())
+        .await
+        .expect("start");
+    let admin = format!("http://{}", proxy.admin_addr().expect("admin"));
+    let status = tokio::task::spawn_blocking(move || {
+        bin()
+            .args(["healthcheck", "--admin", &admin])
+            .status()
+            .expect("run")
+    })
+    .await
+    .expect("join");
+    assert!(status.success(), "healthy admin: exit 0");
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let status = tokio::task::spawn_blocking(move || {
+        bin()
+            .args(["healthcheck", "--admin", &format!("http://{closed}")])
+            .status()
+            .expect("run")
+    })
+    .await
+    .expect("join");
+    assert!(!status.success(), "nothing listening: non-zero");
+}
