@@ -34,16 +34,19 @@ use crate::inbound::{ClientIdentity, Clients};
 use crate::metrics::{Metrics, RequestLabels, RouteLabels, UpstreamErrorLabels};
 use crate::routes::{check_path, PathError, Route};
 use crate::runtime::Runtime;
+use crate::server::ConnActivity;
 use crate::token::{Credential, ErrorChain, OAuthCredential, Token};
 use crate::upstream::{rewrite_location, strip_hop_by_hop, strip_inbound_credentials};
 
 /// Per-connection facts the pipeline needs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The client's address.
     pub peer: SocketAddr,
     /// Whether the client connected over TLS.
     pub tls: bool,
+    /// The connection's activity, for its idle deadline.
+    pub activity: Arc<ConnActivity>,
 }
 
 /// Live counters of the pipeline and the process's metrics.
@@ -89,17 +92,20 @@ pub async fn process_request(
     mut req: Request<Incoming>,
     conn: ConnInfo,
 ) -> Response<TrackedBody> {
-    let started = Instant::now();
-    stats.requests.fetch_add(1, Ordering::Relaxed);
-    stats.inflight.fetch_add(1, Ordering::Relaxed);
     let request_id = request_id(req.headers());
     req.headers_mut()
         .insert(X_REQUEST_ID.clone(), request_id.clone());
-    let method = req.method().clone();
-    // The path only: query strings may carry secrets and are never logged.
-    let path: Box<str> = req.uri().path().into();
-    let mut outcome = Outcome::default();
-    let mut response = match proxy(&runtime, &stats, req, conn, &mut outcome).await {
+    // The record exists from the first moment: if the client goes away before there is a
+    // response (this future is dropped), its `Drop` still counts and logs the request.
+    let mut record = AccessRecord::begin(
+        Arc::clone(&stats),
+        Arc::clone(&conn.activity),
+        request_id,
+        req.method().clone(),
+        // The path only: query strings may carry secrets and are never logged.
+        req.uri().path().into(),
+    );
+    let mut response = match proxy(&runtime, &stats, req, conn, &mut record.outcome).await {
         Ok(response) => response,
         Err(error) => {
             let kind = match &error {
@@ -107,7 +113,7 @@ pub async fn process_request(
                 ProxyError::UpstreamTimeout(_) => Some("timeout"),
                 _ => None,
             };
-            if let (Some(kind), Some(route)) = (kind, &outcome.route) {
+            if let (Some(kind), Some(route)) = (kind, &record.outcome.route) {
                 stats
                     .metrics
                     .upstream_errors
@@ -117,27 +123,19 @@ pub async fn process_request(
                     })
                     .inc();
             }
+            let (id, method, path) = (&record.request_id, &record.method, &record.path);
             if kind.is_some() || matches!(error, ProxyError::TokenUnavailable(_)) {
-                tracing::warn!(request_id = ?request_id, %method, %path, error = %ErrorChain(&error), "request failed");
+                tracing::warn!(request_id = ?id, %method, %path, error = %ErrorChain(&error), "request failed");
             } else {
-                tracing::debug!(request_id = ?request_id, %method, %path, error = %ErrorChain(&error), "request refused");
+                tracing::debug!(request_id = ?id, %method, %path, error = %ErrorChain(&error), "request refused");
             }
             error.into_response()
         }
     };
     response
         .headers_mut()
-        .insert(X_REQUEST_ID.clone(), request_id.clone());
-    let record = AccessRecord {
-        started,
-        request_id,
-        method,
-        path,
-        status: response.status().as_u16(),
-        outcome,
-        bytes: 0,
-        stats,
-    };
+        .insert(X_REQUEST_ID.clone(), record.request_id.clone());
+    record.status = response.status().as_u16();
     response.map(|inner| TrackedBody { inner, record })
 }
 
@@ -223,7 +221,7 @@ async fn proxy(
     if rt.forwarded_headers {
         add_forwarded_headers(
             &mut headers,
-            conn,
+            &conn,
             original_host.or_else(|| {
                 // HTTP/2 carries the host in :authority.
                 parts
@@ -390,7 +388,7 @@ async fn forward(
     }
 }
 
-fn add_forwarded_headers(headers: &mut HeaderMap, conn: ConnInfo, host: Option<HeaderValue>) {
+fn add_forwarded_headers(headers: &mut HeaderMap, conn: &ConnInfo, host: Option<HeaderValue>) {
     let ip = conn.peer.ip().to_string();
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prior) => format!("{prior}, {ip}"),
@@ -408,23 +406,58 @@ fn add_forwarded_headers(headers: &mut HeaderMap, conn: ConnInfo, host: Option<H
     }
 }
 
-/// Everything the access log line needs, carried by the response body until it ends.
+/// Everything the access log line needs, carried by the response body until it ends. Written
+/// once, when it is dropped: with the body at its end, or early when the client went away.
 #[derive(Debug)]
 struct AccessRecord {
     started: Instant,
     request_id: HeaderValue,
     method: Method,
     path: Box<str>,
+    /// 499 (client closed the request, as nginx logs it) until a response exists.
     status: u16,
     outcome: Outcome,
     bytes: u64,
+    complete: bool,
     stats: Arc<PipelineStats>,
+    activity: Arc<ConnActivity>,
 }
 
+/// Logged for a request whose client went away before the response.
+const CLIENT_CLOSED: u16 = 499;
+
 impl AccessRecord {
-    fn finish(&mut self, complete: bool) {
+    fn begin(
+        stats: Arc<PipelineStats>,
+        activity: Arc<ConnActivity>,
+        request_id: HeaderValue,
+        method: Method,
+        path: Box<str>,
+    ) -> AccessRecord {
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        stats.inflight.fetch_add(1, Ordering::Relaxed);
+        activity.begin();
+        AccessRecord {
+            started: Instant::now(),
+            request_id,
+            method,
+            path,
+            status: CLIENT_CLOSED,
+            outcome: Outcome::default(),
+            bytes: 0,
+            complete: false,
+            stats,
+            activity,
+        }
+    }
+}
+
+impl Drop for AccessRecord {
+    fn drop(&mut self) {
+        let complete = self.complete;
         let elapsed = self.started.elapsed();
         self.stats.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.activity.end();
         let route_label = self
             .outcome
             .route
@@ -504,7 +537,7 @@ impl Body for TrackedBody {
 
 impl Drop for TrackedBody {
     fn drop(&mut self) {
-        let complete = self.inner.is_end_stream();
-        self.record.finish(complete);
+        // The record's own `Drop` (right after this) writes the line.
+        self.record.complete = self.inner.is_end_stream();
     }
 }

@@ -1,18 +1,24 @@
-//! The client-facing listener: accept loop, connection limit, HTTP/1.1 + HTTP/2 (h2c prior
-//! knowledge) through hyper-util's auto builder, and the graceful drain.
+//! The client-facing listener: accept loop, connection limit, TLS, HTTP/1.1 + HTTP/2 (h2c prior
+//! knowledge, or ALPN with TLS) through hyper-util's auto builder, the idle timeout, and the
+//! graceful drain.
+//!
+//! Each connection task watches three things: the connection itself, the drain signal, and its
+//! idle deadline. On either of the last two it asks hyper for a graceful shutdown (HTTP/2 GOAWAY,
+//! HTTP/1.1 close after the current response), so no request is cut by the idle timeout.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
 
 use crate::config::ServerSettings;
 use crate::proxy::{process_request, ConnInfo, PipelineStats};
@@ -21,8 +27,11 @@ use crate::runtime::Runtime;
 /// Listener settings fixed for the life of the listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerSettings {
-    /// Slowloris guard: time allowed to send a request's headers.
+    /// Slowloris guard: time allowed to send a request's headers (for HTTP/1.1 also the idle
+    /// time between requests, as hyper's timer runs while waiting for the next head).
     pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed gracefully.
+    pub idle_timeout: Duration,
     /// Open client connections allowed at once.
     pub max_connections: usize,
     /// How long in-flight requests may take to finish after shutdown begins.
@@ -33,40 +42,78 @@ impl From<&ServerSettings> for ListenerSettings {
     fn from(s: &ServerSettings) -> Self {
         ListenerSettings {
             header_read_timeout: s.header_read_timeout,
+            idle_timeout: s.idle_timeout,
             max_connections: s.max_connections,
             shutdown_grace: s.shutdown_grace,
         }
     }
 }
 
+/// What one client connection is doing, for its idle deadline.
+#[derive(Debug)]
+pub struct ConnActivity {
+    opened: Instant,
+    /// Requests on this connection whose responses have not finished.
+    inflight: AtomicUsize,
+    /// Milliseconds after `opened` at which the last request finished.
+    last_done_ms: AtomicU64,
+    /// Whether any request has started (before that, the header-read timeout applies).
+    started: AtomicBool,
+}
+
+impl ConnActivity {
+    fn new() -> ConnActivity {
+        ConnActivity {
+            opened: Instant::now(),
+            inflight: AtomicUsize::new(0),
+            last_done_ms: AtomicU64::new(0),
+            started: AtomicBool::new(false),
+        }
+    }
+
+    /// A request started.
+    pub fn begin(&self) {
+        self.started.store(true, Ordering::Relaxed);
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether the connection has ever started a request.
+    fn has_started(&self) -> bool {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    /// A response finished (or was abandoned).
+    pub fn end(&self) {
+        let ms = self.opened.elapsed().as_millis() as u64;
+        self.last_done_ms.store(ms, Ordering::Relaxed);
+        self.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// When the connection becomes idle if nothing happens, or `None` while a request runs.
+    /// Before its first request a connection gets `first_request` (the header-read timeout:
+    /// hyper's own timer does not cover the protocol detection of the first bytes).
+    fn idle_deadline(&self, idle: Duration, first_request: Duration) -> Option<Instant> {
+        if !self.has_started() {
+            return Some(self.opened + first_request.min(idle));
+        }
+        if self.inflight.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let last = Duration::from_millis(self.last_done_ms.load(Ordering::Relaxed));
+        Some(self.opened + last + idle)
+    }
+}
+
+/// How long an idle connection that was asked to close may take to do so.
+const IDLE_CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 /// Written to a connection beyond `max_connections` before it is closed.
 const OVERLOADED_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
 content-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 83\r\n\r\n\
 {\"error\":\"overloaded\",\"message\":\"The proxy is at its connection limit; retry later.\"}";
 
-/// Serves one client connection (plain or TLS) until it closes or the drain ends it.
-async fn serve_one<I>(
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: Watcher,
-    io: TokioIo<I>,
-    runtime: Arc<ArcSwap<Runtime>>,
-    stats: Arc<PipelineStats>,
-    info: ConnInfo,
-) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let service = service_fn(move |req| {
-        let runtime = runtime.load_full();
-        let stats = Arc::clone(&stats);
-        async move { Ok::<_, Infallible>(process_request(runtime, stats, req, info).await) }
-    });
-    let connection = watcher.watch(builder.serve_connection(io, service).into_owned());
-    if let Err(e) = connection.await {
-        tracing::debug!(peer = %info.peer, error = %e, "client connection ended with an error");
-    }
-}
-
-/// Serves `listener` until `shutdown` turns true, then drains for up to the grace period.
+/// Serves `listener` until `shutdown` turns true, then drains for up to the grace period and
+/// cuts what is left.
 pub async fn serve(
     listener: TcpListener,
     runtime: Arc<ArcSwap<Runtime>>,
@@ -87,11 +134,10 @@ pub async fn serve(
         .max_header_list_size(64 * 1024)
         .max_concurrent_streams(256);
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(settings.max_connections));
+    // Every connection task, so the drain can wait for them and cut what outlives the grace.
+    let mut connections = JoinSet::new();
 
-    // Every connection task, so what outlives the grace can be cut.
-    let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -110,7 +156,7 @@ pub async fn serve(
         };
         let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
             tracing::warn!(%peer, "connection limit reached; refusing connection");
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 let _ = tokio::time::timeout(Duration::from_secs(1), async {
                     let _ = stream.write_all(OVERLOADED_RESPONSE).await;
                     let _ = stream.shutdown().await;
@@ -120,78 +166,137 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let current = runtime.load_full();
-        let tls = current.tls.clone();
-        drop(current);
-        let runtime = Arc::clone(&runtime);
-        let stats = Arc::clone(&stats);
-        let builder = Arc::clone(&builder);
-        let watcher = graceful.watcher();
+        let tls = runtime.load().tls.clone();
+        let connection = Connection {
+            builder: Arc::clone(&builder),
+            runtime: Arc::clone(&runtime),
+            stats: Arc::clone(&stats),
+            shutdown: shutdown.clone(),
+            idle_timeout: settings.idle_timeout,
+            header_read_timeout: settings.header_read_timeout,
+        };
         let handshake_timeout = settings.header_read_timeout;
         connections.spawn(async move {
             let _permit = permit;
             match tls {
-                None => {
-                    let info = ConnInfo { peer, tls: false };
-                    serve_one(
-                        &builder,
-                        watcher,
-                        TokioIo::new(stream),
-                        runtime,
-                        stats,
-                        info,
-                    )
-                    .await;
-                }
+                None => connection.serve(TokioIo::new(stream), peer, false).await,
                 Some(config) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                    let stream = match tokio::time::timeout(
-                        handshake_timeout,
-                        acceptor.accept(stream),
-                    )
-                    .await
-                    {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let info = ConnInfo { peer, tls: true };
-                    serve_one(
-                        &builder,
-                        watcher,
-                        TokioIo::new(stream),
-                        runtime,
-                        stats,
-                        info,
-                    )
-                    .await;
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => connection.serve(TokioIo::new(stream), peer, true).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
                 }
             }
         });
     }
 
-    // Stop accepting: the listener is dropped before the drain starts.
+    // Stop accepting: the listener is dropped before the drain starts. Each connection has seen
+    // the shutdown signal and is closing gracefully.
     drop(listener);
-    let open = graceful.count();
     tracing::info!(
-        open_connections = open,
+        open_connections = connections.len(),
         grace_s = settings.shutdown_grace.as_secs(),
         "draining"
     );
-    tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("drained"),
-        _ = tokio::time::sleep(settings.shutdown_grace) => {
+    let drained = tokio::time::timeout(settings.shutdown_grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    match drained {
+        Ok(()) => tracing::info!("drained"),
+        Err(_) => {
             tracing::warn!(
-                inflight_requests = stats.inflight.load(std::sync::atomic::Ordering::Relaxed),
+                open_connections = connections.len(),
+                inflight_requests = stats.inflight.load(Ordering::Relaxed),
                 "shutdown grace elapsed; cutting the remaining connections and requests"
             );
+            connections.shutdown().await;
         }
     }
-    connections.shutdown().await;
+}
+
+/// What a connection task needs.
+struct Connection {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    runtime: Arc<ArcSwap<Runtime>>,
+    stats: Arc<PipelineStats>,
+    shutdown: watch::Receiver<bool>,
+    idle_timeout: Duration,
+    header_read_timeout: Duration,
+}
+
+impl Connection {
+    /// Serves one client connection (plain or TLS) until it closes, going idle or the drain
+    /// closing it gracefully.
+    async fn serve<I>(mut self, io: TokioIo<I>, peer: std::net::SocketAddr, tls: bool)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let activity = Arc::new(ConnActivity::new());
+        let info = ConnInfo {
+            peer,
+            tls,
+            activity: Arc::clone(&activity),
+        };
+        let runtime = self.runtime;
+        let stats = self.stats;
+        let service = service_fn(move |req| {
+            let runtime = runtime.load_full();
+            let stats = Arc::clone(&stats);
+            let info = info.clone();
+            async move { Ok::<_, Infallible>(process_request(runtime, stats, req, info).await) }
+        });
+        let connection = self.builder.serve_connection(io, service).into_owned();
+        tokio::pin!(connection);
+        let mut closing = false;
+        // After an idle close is requested, the peer gets this long to finish the goodbye
+        // (HTTP/2 waits for the PING ack after GOAWAY); an unresponsive one is dropped.
+        let mut hard_stop: Option<Instant> = None;
+        loop {
+            let deadline = activity.idle_deadline(self.idle_timeout, self.header_read_timeout);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                    }
+                    return;
+                }
+                _ = self.shutdown.wait_for(|stop| *stop), if !closing => {
+                    closing = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                _ = sleep_until_or_forever(deadline), if !closing => {
+                    // Re-check: a request may have started since the deadline was computed.
+                    let expired = activity
+                        .idle_deadline(self.idle_timeout, self.header_read_timeout)
+                        .is_some_and(|d| d <= Instant::now());
+                    if expired && !activity.has_started() {
+                        // Nothing to finish gracefully: a client that never sent a request.
+                        tracing::debug!(%peer, "client sent no request in time; closing");
+                        return;
+                    }
+                    if expired {
+                        tracing::debug!(%peer, "closing idle client connection");
+                        closing = true;
+                        hard_stop = Some(Instant::now() + IDLE_CLOSE_WAIT);
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
+                _ = sleep_until_or_forever(hard_stop), if hard_stop.is_some() => {
+                    if hard_stop.is_some_and(|t| t <= Instant::now()) {
+                        tracing::debug!(%peer, "idle client did not close; dropping the connection");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps until `deadline`, or, while a request runs (`None`), re-checks every second.
+async fn sleep_until_or_forever(deadline: Option<Instant>) {
+    let until = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+    tokio::time::sleep_until(until.into()).await;
 }

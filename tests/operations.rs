@@ -496,3 +496,40 @@ async fn what_outlives_the_grace_is_cut() {
         "the stream was cut at the grace: {received} of {SIZE}"
     );
 }
+
+#[tokio::test]
+async fn idle_client_connections_are_closed_but_busy_ones_are_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::with(Setup {
+        server_extra: "idle_timeout = \"1s\"\nheader_read_timeout = \"30s\"\n".into(),
+        ..Setup::default()
+    })
+    .await;
+    h.wait_ready().await;
+    // An HTTP/2 connection (prior knowledge) that sends nothing after its preface.
+    let mut idle = tokio::net::TcpStream::connect(h.proxy.local_addr())
+        .await
+        .expect("connect");
+    idle.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .expect("preface");
+    // A request that stays in flight longer than the idle timeout is not cut.
+    let slow = h
+        .http
+        .get(format!(
+            "{}?emulator_bytes=65536&emulator_chunk=4096&emulator_chunk_delay_ms=150",
+            h.url("/deploy/slow")
+        ))
+        .send()
+        .await
+        .expect("response");
+    let body = slow.bytes().await.expect("the busy connection was not cut");
+    assert_eq!(body.len(), 65536);
+    // Meanwhile the idle one was closed: the server sent GOAWAY and closed.
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), idle.read_to_end(&mut buf)).await;
+    assert!(
+        read.is_ok(),
+        "the idle connection was closed, not left open"
+    );
+}

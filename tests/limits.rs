@@ -1,0 +1,423 @@
+//! Limits and timeouts through real sockets: request timeouts per route and per server (504),
+//! upstream connection failures (502), the slowloris guard, the connection limit and the upstream
+//! connect timeout. Every case asserts statuses, JSON error codes and counts, never durations;
+//! the only time bounds are generous "not a hang" limits.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use sitecore_auth_proxy::emulator::{Api, Emulator, UpstreamFault};
+use support::raw::{exchange, status_of};
+use support::{json, Harness, Setup};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// How long a client may wait for the proxy to act before the test calls it a hang.
+const NOT_A_HANG: Duration = Duration::from_secs(10);
+
+/// Starts a harness with the standard routes plus the TOML `extra` returns for the started
+/// emulator (extra routes need its addresses).
+async fn harness_with(setup: Setup, extra: impl FnOnce(&Emulator) -> String) -> Harness {
+    let emulator = setup
+        .emulator
+        .clone()
+        .start()
+        .await
+        .expect("emulator starts");
+    let mut text = support::config_text(&setup, &emulator);
+    text.push_str(&extra(&emulator));
+    Harness::from_text(emulator, &text, setup.tuning).await
+}
+
+/// A `[[routes]]` table using the harness credential; `extra` holds more keys (`timeout = ...`).
+fn route(prefix: &str, upstream: &str, extra: &str) -> String {
+    format!(
+        "\n[[routes]]\nprefix = \"{prefix}\"\nupstream = \"{upstream}\"\ncredential = \"automation\"\n{extra}"
+    )
+}
+
+/// Asserts one of the proxy's own JSON errors.
+async fn assert_proxy_error(response: reqwest::Response, status: u16, code: &str) {
+    assert_eq!(response.status(), status);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body = json(response).await;
+    assert_eq!(body["error"], code, "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}
+
+/// The value of the Prometheus sample `name{labels...}` in `text`, when present.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?.strip_prefix('{')?;
+        let (label_text, value) = rest.rsplit_once("} ")?;
+        let all = labels
+            .iter()
+            .all(|(k, v)| label_text.split(',').any(|l| l == format!("{k}=\"{v}\"")));
+        if all {
+            value.trim().parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
+fn upstream_errors(h: &Harness, route: &str, kind: &str) -> f64 {
+    let text = h.proxy.shared().metrics.encode();
+    sample(
+        &text,
+        "proxy_upstream_errors_total",
+        &[("route", route), ("kind", kind)],
+    )
+    .unwrap_or_else(|| panic!("no upstream error series for {route} {kind}:\n{text}"))
+}
+
+/// Reads until the peer closes (EOF or reset); everything it sent before.
+async fn read_until_closed(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn a_route_timeout_shorter_than_a_slow_upstream_answers_504_upstream_timeout() {
+    let setup = Setup {
+        server_extra: "request_timeout = \"30s\"".to_owned(),
+        ..Setup::default()
+    };
+    let h = harness_with(setup, |e| {
+        route(
+            "/deploy-short",
+            &e.api_base(Api::Deploy),
+            "timeout = \"1s\"\n",
+        )
+    })
+    .await;
+
+    h.emulator
+        .push_upstream_faults([UpstreamFault::Delay(Duration::from_secs(3))]);
+    let response = h
+        .http
+        .get(h.url("/deploy-short/api/projects/v1"))
+        .send()
+        .await
+        .expect("response");
+    assert_proxy_error(response, 504, "upstream_timeout").await;
+    assert_eq!(
+        h.emulator.upstream_requests(),
+        1,
+        "the request reached the upstream, which was too slow"
+    );
+
+    // The same slow upstream behind a route without the override: the server's 30 s apply.
+    h.emulator
+        .push_upstream_faults([UpstreamFault::Delay(Duration::from_secs(3))]);
+    let response = h
+        .http
+        .get(h.url("/deploy/api/projects/v1"))
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    assert_eq!(json(response).await["path"], "/api/projects/v1");
+    assert_eq!(h.emulator.upstream_requests(), 2);
+
+    assert_eq!(upstream_errors(&h, "/deploy-short", "timeout"), 1.0);
+    assert_eq!(upstream_errors(&h, "/deploy", "timeout"), 0.0);
+}
+
+#[tokio::test]
+async fn server_request_timeout_applies_to_routes_without_an_override() {
+    let setup = Setup {
+        server_extra: "request_timeout = \"1s\"".to_owned(),
+        ..Setup::default()
+    };
+    let h = harness_with(setup, |e| {
+        route(
+            "/deploy-patient",
+            &e.api_base(Api::Deploy),
+            "timeout = \"30s\"\n",
+        )
+    })
+    .await;
+
+    h.emulator
+        .push_upstream_faults([UpstreamFault::Delay(Duration::from_secs(3))]);
+    let response = h
+        .http
+        .get(h.url("/deploy/api/projects/v1"))
+        .send()
+        .await
+        .expect("response");
+    assert_proxy_error(response, 504, "upstream_timeout").await;
+
+    // A route may also allow more than the server default.
+    h.emulator
+        .push_upstream_faults([UpstreamFault::Delay(Duration::from_secs(3))]);
+    let response = h
+        .http
+        .get(h.url("/deploy-patient/api/projects/v1"))
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    assert_eq!(json(response).await["path"], "/api/projects/v1");
+
+    assert_eq!(h.emulator.upstream_requests(), 2);
+    assert_eq!(upstream_errors(&h, "/deploy", "timeout"), 1.0);
+    assert_eq!(upstream_errors(&h, "/deploy-patient", "timeout"), 0.0);
+}
+
+#[tokio::test]
+async fn refused_and_reset_upstreams_answer_502_and_other_routes_keep_working() {
+    // A port that was bound and released: connecting to it is refused.
+    let closed = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        listener.local_addr().expect("addr")
+    };
+    let h = harness_with(Setup::default(), |_| {
+        route("/gone", &format!("http://{closed}"), "")
+    })
+    .await;
+
+    let response = h
+        .http
+        .get(h.url("/gone/api/projects/v1"))
+        .send()
+        .await
+        .expect("response");
+    assert_proxy_error(response, 502, "upstream_unreachable").await;
+    assert_eq!(h.emulator.upstream_requests(), 0);
+
+    // An upstream that drops the connection without answering.
+    h.emulator.push_upstream_faults([UpstreamFault::Reset]);
+    let response = h
+        .http
+        .get(h.url("/deploy/api/projects/v1"))
+        .send()
+        .await
+        .expect("response");
+    assert_proxy_error(response, 502, "upstream_unreachable").await;
+    assert_eq!(
+        h.emulator.upstream_requests(),
+        1,
+        "the reset request was not retried"
+    );
+
+    // Nothing is stuck: the same and the other routes answer.
+    for path in [
+        "/deploy/api/projects/v1",
+        "/authoring",
+        "/edge-admin/content",
+    ] {
+        let response = h.http.get(h.url(path)).send().await.expect("response");
+        assert_eq!(response.status(), 200, "{path}");
+    }
+    assert_eq!(h.emulator.upstream_requests(), 4);
+
+    assert_eq!(upstream_errors(&h, "/gone", "unreachable"), 1.0);
+    assert_eq!(upstream_errors(&h, "/deploy", "unreachable"), 1.0);
+    assert_eq!(upstream_errors(&h, "/authoring", "unreachable"), 0.0);
+}
+
+#[tokio::test]
+async fn a_slowloris_client_is_cut_off_while_a_normal_client_is_served() {
+    let setup = Setup {
+        server_extra: "header_read_timeout = \"1s\"".to_owned(),
+        ..Setup::default()
+    };
+    let h = Harness::with(setup).await;
+
+    let mut slow = TcpStream::connect(h.proxy.local_addr())
+        .await
+        .expect("connect");
+    slow.write_all(
+        b"GET /deploy/api/projects/v1?from=slowloris HTTP/1.1\r\nHost: proxy.test\r\nX-Slow: ",
+    )
+    .await
+    .expect("partial head");
+
+    let response = h
+        .http
+        .get(h.url("/deploy/api/projects/v1"))
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(
+        response.status(),
+        200,
+        "a normal client is served meanwhile"
+    );
+
+    let answer = tokio::time::timeout(NOT_A_HANG, read_until_closed(&mut slow))
+        .await
+        .expect("the slow client is disconnected, not left hanging");
+    assert!(
+        answer.is_empty() || status_of(&answer) == 408,
+        "the slow client gets at most a 408: {answer:?}"
+    );
+    assert_eq!(
+        h.emulator.upstream_requests(),
+        1,
+        "nothing of the slow request reached the upstream"
+    );
+    assert!(h
+        .emulator
+        .seen_requests()
+        .iter()
+        .all(|r| r.query.as_deref() != Some("from=slowloris")));
+}
+
+#[tokio::test]
+async fn clients_that_stall_before_their_first_line_are_cut_off_too() {
+    let setup = Setup {
+        server_extra: "header_read_timeout = \"1s\"".to_owned(),
+        ..Setup::default()
+    };
+    let h = Harness::with(setup).await;
+
+    // Nothing at all, and a stalled HTTP/2 preface: both hold a connection slot until cut off.
+    for sent in [&b""[..], &b"PRI * HTTP/2.0\r\n"[..]] {
+        let mut stalled = TcpStream::connect(h.proxy.local_addr())
+            .await
+            .expect("connect");
+        stalled.write_all(sent).await.expect("write");
+        let answer = tokio::time::timeout(NOT_A_HANG, read_until_closed(&mut stalled))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "a client that sent {:?} and stalled was not disconnected",
+                    String::from_utf8_lossy(sent)
+                )
+            });
+        assert!(answer.is_empty() || status_of(&answer) == 408, "{answer:?}");
+    }
+    assert_eq!(h.emulator.upstream_requests(), 0);
+}
+
+#[tokio::test]
+async fn beyond_max_connections_a_client_gets_503_overloaded_and_the_proxy_recovers() {
+    let setup = Setup {
+        server_extra: "max_connections = 2".to_owned(),
+        ..Setup::default()
+    };
+    let h = Harness::with(setup).await;
+    let addr = h.proxy.local_addr();
+
+    // Two connections that have sent nothing yet hold both slots (the accept queue is FIFO, so
+    // the proxy takes them before the third).
+    let first = TcpStream::connect(addr).await.expect("connect 1");
+    let second = TcpStream::connect(addr).await.expect("connect 2");
+
+    let mut third = TcpStream::connect(addr).await.expect("connect 3");
+    let answer = tokio::time::timeout(NOT_A_HANG, read_until_closed(&mut third))
+        .await
+        .expect("the excess connection is answered and closed");
+    assert!(
+        answer.starts_with("HTTP/1.1 503 "),
+        "an HTTP/1.1 503: {answer:?}"
+    );
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a complete response");
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("\r\nconnection: close"), "{head}");
+    assert!(
+        head.contains("\r\ncontent-type: application/json"),
+        "{head}"
+    );
+    let body: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
+    assert_eq!(body["error"], "overloaded", "{body}");
+    assert!(body["message"].is_string(), "{body}");
+
+    // One of the holders leaves; its slot frees once the proxy notices the close.
+    drop(first);
+    let request =
+        b"GET /deploy/api/projects/v1 HTTP/1.1\r\nHost: proxy.test\r\nConnection: close\r\n\r\n";
+    let deadline = tokio::time::Instant::now() + NOT_A_HANG;
+    let (served, last) = loop {
+        let answer = exchange(addr, request).await;
+        match status_of(&answer) {
+            200 => break (true, answer),
+            // Refused while the slot is still taken (0: reset before the 503 was read).
+            0 | 503 => {}
+            other => panic!("unexpected status {other}: {answer}"),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break (false, answer);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(served, "a new client was served after a slot freed: {last}");
+    assert_eq!(h.emulator.upstream_requests(), 1);
+
+    // The proxy stays responsive: with the slot of `first` free, requests keep succeeding.
+    let again = exchange(addr, request).await;
+    assert_eq!(status_of(&again), 200, "{again}");
+    drop(second);
+}
+
+/// A loopback address whose connects hang: a listener with a backlog of one that never accepts,
+/// its accept queue filled, so the kernel drops further SYNs. The returned values keep it so.
+async fn hanging_address() -> Option<(SocketAddr, TcpListener, Vec<TcpStream>)> {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let listener = socket.listen(1).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let mut fillers = Vec::new();
+    for _ in 0..16 {
+        match tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => fillers.push(stream),
+            Ok(Err(_)) => return None,
+            // A connect that does not complete: the queue is full.
+            Err(_) => return Some((addr, listener, fillers)),
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn connect_timeout_bounds_a_connect_that_hangs() {
+    let (addr, _listener, _fillers) = hanging_address()
+        .await
+        .expect("a loopback listener with a full accept queue makes connects hang");
+    // request_timeout is longer than connect_timeout: if only it applied, the answer would be
+    // 504 upstream_timeout, not a connection failure.
+    let setup = Setup {
+        server_extra: "connect_timeout = \"1s\"\nrequest_timeout = \"20s\"".to_owned(),
+        ..Setup::default()
+    };
+    let h = harness_with(setup, |_| {
+        route("/blackhole", &format!("http://{addr}"), "")
+    })
+    .await;
+
+    let response = h
+        .http
+        .get(h.url("/blackhole/api/projects/v1"))
+        .send()
+        .await
+        .expect("response");
+    assert_proxy_error(response, 502, "upstream_unreachable").await;
+    assert_eq!(upstream_errors(&h, "/blackhole", "unreachable"), 1.0);
+    assert_eq!(upstream_errors(&h, "/blackhole", "timeout"), 0.0);
+
+    // The other routes are unaffected.
+    let response = h
+        .http
+        .get(h.url("/deploy/api/projects/v1"))
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(response.status(), 200);
+}
