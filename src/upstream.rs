@@ -145,6 +145,16 @@ pub fn rewrite_location(route: &Route, location: &HeaderValue) -> Option<HeaderV
         rewritten.push('/');
     }
     rewritten.push_str(remainder);
+    // The result must be a path on the proxy itself: never scheme-relative (`//host`, `/\host`,
+    // which browsers and HTTP clients resolve to another host) and never with dot segments that
+    // would climb out of the prefix once the client normalises it.
+    let path_end = rewritten.find(['?', '#']).unwrap_or(rewritten.len());
+    if rewritten.starts_with("//")
+        || rewritten.starts_with("/\\")
+        || crate::routes::check_path(&rewritten[..path_end]).is_err()
+    {
+        return None;
+    }
     HeaderValue::from_str(&rewritten).ok()
 }
 
@@ -244,7 +254,19 @@ mod tests {
             rewrite(&d, "https://deploy.example.io").as_deref(),
             Some("/deploy")
         );
+        assert_eq!(
+            rewrite(&r, "/sitecore/api/authoring/graphql/v1/../../other"),
+            None
+        );
         let root = route("/", "https://root.example.io/base");
+        for escaping in [
+            "/base//evil.example/x",
+            "https://root.example.io/base//evil.example/x",
+            "https://root.example.io/base/\\evil.example/x",
+            "/base/%2e%2e/x",
+        ] {
+            assert_eq!(rewrite(&root, escaping), None, "{escaping}");
+        }
         assert_eq!(
             rewrite(&root, "https://root.example.io/base?q").as_deref(),
             Some("/?q")

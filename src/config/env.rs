@@ -79,10 +79,13 @@ pub(super) fn expand(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result
             };
             let name = &reference[..end];
             if !is_variable_name(name) {
-                return Err(format!(
-                    "\"${{{name}}}\" is not a valid environment variable reference; names are \
-                     letters, digits and '_', not starting with a digit (write $$ for a literal $)"
-                ));
+                // The text is not quoted back: it may be part of a secret that lacks its `$$`.
+                return Err(
+                    "contains a \"${...}\" that is not a valid environment variable reference; \
+                     names are letters, digits and '_', not starting with a digit (write $$ for a \
+                     literal $)"
+                        .to_owned(),
+                );
             }
             match env(name) {
                 Some(value) => out.push_str(&value),
