@@ -9,9 +9,11 @@
 //! - `inbound/*`: the client key check (`Clients::check_key`, SHA-256 and a constant-time compare
 //!   against every client) over 1, 10 and 100 clients, and `Clients::authenticate` with a key
 //!   and with a token issued by the local token endpoint;
-//! - `pipeline/*`: one whole request through the proxy on 127.0.0.1 to an in-process upstream
-//!   that answers 200 without verifying anything, next to the same request sent directly, so the
-//!   difference is what the proxy adds (HTTP/1.1 keep-alive and HTTP/2 prior knowledge).
+//! - `pipeline_1_thread/*`, `pipeline_all_cores/*`: one whole request through the proxy on
+//!   127.0.0.1 to an in-process upstream that answers 200 without verifying anything, next to the
+//!   same request sent directly, so the difference is what the proxy adds (HTTP/1.1 keep-alive
+//!   and HTTP/2 prior knowledge). On one thread the time is the CPU a request costs; on all cores
+//!   it also includes the cross-thread wake-ups of a multi-thread runtime.
 //!
 //! The proxy runs without a tracing subscriber here, so the access log costs nothing; the load
 //! comparison (`benches/load/run.sh`) measures the binary with its logging.
@@ -123,7 +125,10 @@ fn realistic_headers(connection: &'static str) -> HeaderMap {
     let mut h = HeaderMap::new();
     for (name, value) in [
         ("host", "proxy.internal:8080"),
-        ("user-agent", "Sitecore.CLI/6.0.23 (Linux x64) dotnet/8.0.11"),
+        (
+            "user-agent",
+            "Sitecore.CLI/6.0.23 (Linux x64) dotnet/8.0.11",
+        ),
         ("accept", "application/json, text/plain, */*"),
         ("accept-encoding", "gzip, deflate, br"),
         ("content-type", "application/json; charset=utf-8"),
@@ -284,11 +289,21 @@ async fn serve_upstream(listener: TcpListener) {
 }
 
 impl Fixture {
-    fn start() -> Fixture {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
+    /// `threads == 1`: a current-thread runtime, so the client, the proxy and the upstream all run
+    /// on the benchmark thread and a request's time is the CPU it costs (syscalls included), free
+    /// of cross-thread wake-ups. Otherwise a multi-thread runtime with that many workers.
+    fn start(threads: usize) -> Fixture {
+        let runtime = if threads == 1 {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        } else {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .enable_all()
+                .build()
+        }
+        .expect("tokio runtime");
         let (emulator, proxy, upstream) = runtime.block_on(async {
             let emulator = Emulator::builder().start().await.expect("emulator");
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -365,7 +380,7 @@ fn bench_token_current(c: &mut Criterion, fx: &Fixture) {
     group.finish();
 }
 
-fn bench_pipeline(c: &mut Criterion, fx: &Fixture) {
+fn bench_pipeline(c: &mut Criterion, fx: &Fixture, group_name: &str) {
     let h1: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let h2: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
@@ -378,7 +393,7 @@ fn bench_pipeline(c: &mut Criterion, fx: &Fixture) {
         .parse()
         .expect("uri");
 
-    let mut group = c.benchmark_group("pipeline");
+    let mut group = c.benchmark_group(group_name);
     group.throughput(Throughput::Elements(1));
     for (label, client, uri) in [
         ("h1_direct", &h1, &direct_uri),
@@ -402,10 +417,15 @@ fn bench_pipeline(c: &mut Criterion, fx: &Fixture) {
 }
 
 fn bench_live(c: &mut Criterion) {
-    let fx = Fixture::start();
-    bench_token_current(c, &fx);
-    bench_pipeline(c, &fx);
-    fx.proxy.shutdown();
+    let single = Fixture::start(1);
+    bench_token_current(c, &single);
+    bench_pipeline(c, &single, "pipeline_1_thread");
+    single.proxy.shutdown();
+    drop(single);
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let multi = Fixture::start(cores);
+    bench_pipeline(c, &multi, "pipeline_all_cores");
+    multi.proxy.shutdown();
 }
 
 criterion_group!(

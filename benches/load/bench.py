@@ -39,6 +39,9 @@ NCPU = os.cpu_count() or 1
 # The request every contender serves: a route prefix that is rewritten to the upstream's base path.
 CLIENT_PATH = "/deploy/api/projects/v1"
 UPSTREAM_PATH = "/base/api/projects/v1"
+# The token endpoint answers this late in the cold-start probe, so all 1,000 requests arrive
+# while the first token is still in flight.
+COLD_DELAY_MS = 3000
 
 procs = []
 
@@ -209,9 +212,9 @@ def run_h2load(url, conns, streams, duration, workdir):
         timeout=duration + 60,
     ).stdout
     m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
-    done, succeeded = int(m.group(3)), int(m.group(4))
-    status = re.search(r"status codes: (\d+) 2xx", out)
-    ok2xx = int(status.group(1)) if status else 0
+    done, failed, errored = int(m.group(3)), int(m.group(5)), int(m.group(6))
+    status = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    bad_status = int(status.group(3)) + int(status.group(4)) if status else 0
     rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
     durations = []
     with open(logfile) as f:
@@ -230,18 +233,39 @@ def run_h2load(url, conns, streams, duration, workdir):
         "p50_us": pct(0.50),
         "p99_us": pct(0.99),
         "requests": done,
-        "errors": (done - succeeded) + (succeeded - ok2xx),
+        "errors": failed + errored + bad_status,
     }
 
 
+def busy_ticks():
+    """CPU time of the whole machine, in clock ticks (all CPUs, idle and iowait excluded)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return user + nice + system + irq + softirq + steal
+
+
+def own_ticks():
+    """CPU time of this script, its reaped children (wrk, h2load) and its live children."""
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    reaped = int(fields[13]) + int(fields[14])  # cutime + cstime
+    return reaped + cpu_ticks(os.getpid())
+
+
 def measured(run, pids):
-    """Runs a load and adds the CPU time per request of the processes in `pids`."""
+    """Runs a load and adds the CPU time per request of the processes in `pids`, and how much
+    CPU other processes of the machine used meanwhile (`foreign_cpu_pct`, of all cores)."""
     before = {name: cpu_ticks(pid) for name, pid in pids.items()}
+    busy0, own0, t0 = busy_ticks(), own_ticks(), time.monotonic()
     result = run()
+    busy1, own1, t1 = busy_ticks(), own_ticks(), time.monotonic()
     for name, pid in pids.items():
         ticks = cpu_ticks(pid) - before[name]
         per_req = ticks / CLK_TCK / max(1, result["requests"]) * 1e6
         result[f"{name}_cpu_us_per_req"] = round(per_req, 2)
+    foreign = max(0, (busy1 - busy0) - (own1 - own0)) / CLK_TCK
+    result["foreign_cpu_pct"] = round(100.0 * foreign / ((t1 - t0) * NCPU), 1)
     return result
 
 
@@ -444,15 +468,16 @@ def table(results, proto):
     direct = rows.get("direct")
     head = (
         f"| {proto} | req/s median (min-max) | p50 us | p99 us | CPU us/req (contender) | "
-        f"CPU us/req (upstream) | errors | req/s vs nginx | req/s vs direct | p50 over direct us |"
+        f"CPU us/req (upstream) | errors | req/s vs nginx | req/s vs direct | p50 over direct us | "
+        f"other processes' CPU % |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for name, r in rows.items():
         rps = r["rps"]
         cpu = r.get("contender_cpu_us_per_req", {}).get("median")
         p50 = r["p50_us"]["median"]
         lines.append(
-            "| {name} | {med} ({lo}-{hi}) | {p50} | {p99} | {cpu} | {ucpu} | {err} | {vn} | {vd} | {add} |".format(
+            "| {name} | {med} ({lo}-{hi}) | {p50} | {p99} | {cpu} | {ucpu} | {err} | {vn} | {vd} | {add} | {fg} |".format(
                 name=name,
                 med=fmt_num(rps["median"]),
                 lo=fmt_num(rps["min"]),
@@ -465,6 +490,7 @@ def table(results, proto):
                 vn=fmt_num(ratio(rps["median"], nginx["rps"]["median"]) if nginx else None, 2),
                 vd=fmt_num(ratio(rps["median"], direct["rps"]["median"]) if direct else None, 2),
                 add=fmt_num(p50 - direct["p50_us"]["median"], 0) if direct and name != "direct" else "-",
+                fg=fmt_num(r.get("foreign_cpu_pct", {}).get("median"), 0),
             )
         )
     return "\n".join(lines)
@@ -475,7 +501,7 @@ def table(results, proto):
 
 def probe_cold_start(env, n):
     log(f"probe: cold start, {n} concurrent requests")
-    emu = start_emulator(env, "emu-cold", 86_400, delay_ms=1000)
+    emu = start_emulator(env, "emu-cold", 86_400, delay_ms=COLD_DELAY_MS)
     port = free_port()
     cfg = env.path("cold.toml")
     with open(cfg, "w") as f:
@@ -493,7 +519,7 @@ def probe_cold_start(env, n):
     stop(proxy)
     stop(emu["process"])
     return {"requests": burst, "token_requests": counters["token_requests"], "jwks_requests": counters["jwks_requests"],
-            "token_endpoint_delay_ms": 1000}
+            "token_endpoint_delay_ms": COLD_DELAY_MS}
 
 
 def probe_upload(env, emulator, size_bytes):
@@ -557,9 +583,13 @@ def probe_refresh(env, long_emulator, duration, reps, conns):
     runs = {"long_lived": [], "refreshing": []}
     before = emulator_counters(short)["token_requests"]
     for _ in range(reps):
-        runs["long_lived"].append(run_wrk(f"http://127.0.0.1:{port_long}{CLIENT_PATH}", conns, duration))
+        runs["long_lived"].append(measured(
+            lambda: run_wrk(f"http://127.0.0.1:{port_long}{CLIENT_PATH}", conns, duration),
+            {"contender": p_long.pid}))
         b = emulator_counters(short)["token_requests"]
-        r = run_wrk(f"http://127.0.0.1:{port_short}{CLIENT_PATH}", conns, duration)
+        r = measured(
+            lambda: run_wrk(f"http://127.0.0.1:{port_short}{CLIENT_PATH}", conns, duration),
+            {"contender": p_short.pid})
         r["token_requests_during_run"] = emulator_counters(short)["token_requests"] - b
         runs["refreshing"].append(r)
     total = emulator_counters(short)["token_requests"] - before
@@ -604,6 +634,8 @@ def main():
     ap.add_argument("--skip-probes", action="store_true")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
     a = ap.parse_args()
+    # A stopped run still stops what it started (the `finally` below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     reps = a.reps or (1 if a.quick else 3)
     duration = a.duration or (5 if a.quick else 10)
 
@@ -661,7 +693,7 @@ def main():
             probes["cold_start"] = probe_cold_start(env, 1000)
             probes["upload_1gib"] = probe_upload(env, emulator, 1 << 30)
             probes["idle_10k"] = probe_idle(env, emulator, 10_000)
-            probes["refresh"] = probe_refresh(env, emulator, 20, 1 if a.quick else 2, a.conns)
+            probes["refresh"] = probe_refresh(env, emulator, 20, 1 if a.quick else 3, a.conns)
         stop(proxy)
         report = {
             "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

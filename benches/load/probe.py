@@ -9,7 +9,8 @@
   probe.py idle HOST PORT PATH N HOLD_S READY_FILE
       Opens N keep-alive connections, sends one request on each and reads the answer, writes
       READY_FILE with a JSON summary once all are established and idle, holds them for HOLD_S
-      seconds, then closes them. Prints the same summary.
+      seconds, then closes them. Prints the same summary. PATH "-" opens the connections without
+      sending anything.
 """
 
 import asyncio
@@ -110,7 +111,8 @@ async def burst(host, port, path, n, wait_s):
 
 
 async def idle(host, port, path, n, hold_s, ready_file):
-    req = request_bytes(host, port, path)
+    # PATH "-": connect only, never send a request (what an idle connection costs before use).
+    req = None if path == "-" else request_bytes(host, port, path)
     conns = []
     statuses = {}
     errors = []
@@ -120,10 +122,11 @@ async def idle(host, port, path, n, hold_s, ready_file):
         async with gate:
             try:
                 reader, writer = await asyncio.open_connection(host, port)
-                writer.write(req)
-                await writer.drain()
-                status = await asyncio.wait_for(read_response(reader), 60)
-                statuses[str(status)] = statuses.get(str(status), 0) + 1
+                if req is not None:
+                    writer.write(req)
+                    await writer.drain()
+                    status = await asyncio.wait_for(read_response(reader), 60)
+                    statuses[str(status)] = statuses.get(str(status), 0) + 1
                 conns.append(writer)
             except Exception as e:  # noqa: BLE001
                 errors.append(type(e).__name__)
