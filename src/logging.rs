@@ -39,11 +39,33 @@ pub fn filter(directives: &str) -> EnvFilter {
     filter
 }
 
-/// Builds the subscriber writing to `writer`.
+/// Installs the process's logger on stderr: lines are formatted on the calling thread and
+/// written by a background thread through a buffer, so the access log costs no `write(2)` per
+/// request. It is not lossy (an audit trail): when the buffer is full, callers wait. Keep the
+/// returned guard alive until exit; dropping it flushes.
+pub fn init_stderr(
+    format: Format,
+    directives: &str,
+) -> tracing_appender::non_blocking::WorkerGuard {
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal();
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
+    if tracing::subscriber::set_global_default(subscriber(format, directives, writer, ansi))
+        .is_err()
+    {
+        eprintln!("a logger was already installed");
+    }
+    guard
+}
+
+/// Builds the subscriber writing to `writer`; `ansi` colours text output (for terminals only).
 pub fn subscriber<W>(
     format: Format,
     directives: &str,
     writer: W,
+    ansi: bool,
 ) -> Box<dyn tracing::Subscriber + Send + Sync>
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
@@ -51,7 +73,7 @@ where
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter(directives))
         .with_writer(writer)
-        .with_ansi(false);
+        .with_ansi(ansi && format == Format::Text);
     match format {
         Format::Text => Box::new(builder.finish()),
         Format::Json => Box::new(builder.json().flatten_event(true).finish()),

@@ -73,7 +73,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // Flushes the log when main returns.
+    let _log_guard = init_logging(cli.log_format);
     // Every subcommand that speaks TLS (run, check --fetch, healthcheck) needs the provider.
     sitecore_auth_proxy::install_crypto_providers();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -98,17 +99,14 @@ fn main() -> ExitCode {
     })
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     use sitecore_auth_proxy::logging;
     let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
     let format = match format {
         LogFormat::Text => logging::Format::Text,
         LogFormat::Json => logging::Format::Json,
     };
-    let subscriber = logging::subscriber(format, &directives, std::io::stderr);
-    if tracing::subscriber::set_global_default(subscriber).is_err() {
-        eprintln!("a logger was already installed");
-    }
+    logging::init_stderr(format, &directives)
 }
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {

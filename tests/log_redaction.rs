@@ -201,6 +201,7 @@ async fn trace_level_logs_of_a_full_run_contain_no_secret() {
         Format::Json,
         "trace",
         Capture::default(),
+        false,
     ));
 
     let forbidden = full_run().await;
