@@ -227,19 +227,14 @@ impl Clients {
                 Some("Unauthorized"),
             );
         };
-        let body = serde_json::json!({
-            "access_token": token,
-            "token_type": "Bearer",
-            "expires_in": self.lifetime.as_secs(),
-        });
-        let mut response = Response::new(ProxyBody::full(body.to_string()));
-        response
-            .headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        response
-            .headers_mut()
-            .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        response
+        oauth_json(
+            StatusCode::OK,
+            serde_json::json!({
+                "access_token": token,
+                "token_type": "Bearer",
+                "expires_in": self.lifetime.as_secs(),
+            }),
+        )
     }
 }
 
@@ -248,6 +243,11 @@ fn oauth_error(status: StatusCode, code: &str, description: Option<&str>) -> Res
         Some(d) => serde_json::json!({ "error": code, "error_description": d }),
         None => serde_json::json!({ "error": code }),
     };
+    oauth_json(status, body)
+}
+
+/// A token endpoint answer: JSON, never cached (RFC 6749 section 5.1).
+fn oauth_json(status: StatusCode, body: serde_json::Value) -> Response<ProxyBody> {
     let mut response = Response::new(ProxyBody::full(body.to_string()));
     *response.status_mut() = status;
     response

@@ -188,10 +188,11 @@ pub fn check_path(path: &str) -> Result<(), PathError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn route(prefix: &str, upstream: &str) -> Route {
+    /// A route for unit tests (also used by `upstream`'s tests).
+    pub(crate) fn route(prefix: &str, upstream: &str) -> Route {
         let settings = RouteSettings {
             prefix: prefix.into(),
             upstream: upstream.parse().expect("uri"),

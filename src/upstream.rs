@@ -181,18 +181,9 @@ fn same_authority(authority: &str, route: &Route) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RouteSettings;
     use http::HeaderValue;
 
-    fn route(prefix: &str, upstream: &str) -> Route {
-        let settings = RouteSettings {
-            prefix: prefix.into(),
-            upstream: upstream.parse().expect("uri"),
-            credential: "c".into(),
-            timeout: None,
-        };
-        Route::new(&settings, Duration::from_secs(1)).expect("route")
-    }
+    use crate::routes::tests::route;
 
     fn rewrite(route: &Route, location: &str) -> Option<String> {
         rewrite_location(route, &HeaderValue::from_str(location).expect("hv"))
