@@ -40,6 +40,7 @@ use sitecore_auth_proxy::config::{Config, RouteSettings};
 use sitecore_auth_proxy::emulator::Emulator;
 use sitecore_auth_proxy::inbound::Clients;
 use sitecore_auth_proxy::routes::{check_path, Route, RouteTable};
+use sitecore_auth_proxy::server::Workers;
 use sitecore_auth_proxy::upstream::{strip_hop_by_hop, strip_inbound_credentials};
 use tokio::net::TcpListener;
 
@@ -291,7 +292,8 @@ async fn serve_upstream(listener: TcpListener) {
 impl Fixture {
     /// `threads == 1`: a current-thread runtime, so the client, the proxy and the upstream all run
     /// on the benchmark thread and a request's time is the CPU it costs (syscalls included), free
-    /// of cross-thread wake-ups. Otherwise a multi-thread runtime with that many workers.
+    /// of cross-thread wake-ups. Otherwise a multi-thread runtime with that many workers for the
+    /// client and the upstream, and the proxy on its own worker threads (one per core).
     fn start(threads: usize) -> Fixture {
         let runtime = if threads == 1 {
             tokio::runtime::Builder::new_current_thread()
@@ -323,9 +325,18 @@ impl Fixture {
             );
             let config =
                 Config::parse(&text, Path::new("bench.toml"), &|_| None).expect("bench config");
-            let proxy = app::start(config, Options::default())
-                .await
-                .expect("proxy starts");
+            // One thread: the whole pipeline on this runtime. More: the proxy's own worker
+            // threads, as the binary runs it.
+            let workers = if threads == 1 {
+                Workers::Inline
+            } else {
+                Workers::default()
+            };
+            let options = Options {
+                workers,
+                ..Options::default()
+            };
+            let proxy = app::start(config, options).await.expect("proxy starts");
             let credential = proxy.credential("bench").expect("credential");
             let deadline = Instant::now() + Duration::from_secs(10);
             while credential.current().is_none() {

@@ -16,7 +16,7 @@ use crate::config::{Config, ConfigError};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::proxy::PipelineStats;
 use crate::runtime::{BuildError, Runtime};
-use crate::server::{self, ListenerSettings};
+use crate::server::{self, ListenerSettings, Workers};
 use crate::token::{OAuthCredential, Tuning};
 
 /// Why the proxy could not start.
@@ -25,6 +25,9 @@ pub enum StartError {
     /// The runtime could not be built from the configuration.
     #[error(transparent)]
     Build(#[from] BuildError),
+    /// The worker threads could not be started.
+    #[error(transparent)]
+    Spawn(#[from] server::SpawnError),
     /// A listen address could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -52,6 +55,8 @@ pub enum ReloadError {
 pub struct Options {
     /// Token lifecycle timings (tests shorten them).
     pub tuning: Tuning,
+    /// Where client connections are served (default: one worker thread per core).
+    pub workers: Workers,
 }
 
 /// State shared by the listeners, the admin endpoints and reload.
@@ -68,6 +73,7 @@ pub struct Shared {
     /// Process start.
     pub started_at: SystemTime,
     tuning: Tuning,
+    workers: Workers,
     refreshers: Mutex<Vec<(Arc<OAuthCredential>, JoinHandle<()>)>>,
     refresher_stop: watch::Receiver<bool>,
     reload_lock: tokio::sync::Mutex<()>,
@@ -141,6 +147,8 @@ pub struct RunningProxy {
     admin_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
+    /// Ends the drain at once (on drop).
+    cut: watch::Sender<bool>,
     admin_stop: watch::Sender<bool>,
     refresher_stop: watch::Sender<bool>,
     server: JoinHandle<()>,
@@ -153,7 +161,13 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Sta
     crate::install_crypto_providers();
     let metrics = Arc::new(Metrics::new());
     let config = Arc::new(config);
-    let runtime = Runtime::build(Arc::clone(&config), &options.tuning, &metrics, None)?;
+    let runtime = Runtime::build(
+        Arc::clone(&config),
+        &options.tuning,
+        &metrics,
+        None,
+        options.workers.pools(),
+    )?;
     let listener = bind(config.server.listen).await?;
     let addr = local_addr(&listener, config.server.listen)?;
     let admin_listener = match &config.admin {
@@ -171,6 +185,7 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Sta
         shutting_down: AtomicBool::new(false),
         started_at: SystemTime::now(),
         tuning: options.tuning,
+        workers: options.workers,
         refreshers: Mutex::new(Vec::new()),
         refresher_stop: refresher_stop_rx,
         reload_lock: tokio::sync::Mutex::new(()),
@@ -190,19 +205,29 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Sta
         }
         None => (None, None),
     };
-    let server = tokio::spawn(server::serve(
+    let (cut, cut_rx) = watch::channel(false);
+    let server = server::spawn(
         listener,
+        options.workers,
         Arc::clone(&shared.runtime),
         stats,
         ListenerSettings::from(&config.server),
         shutdown_rx,
-    ));
-    tracing::info!(%addr, routes = config.routes.len(), tls = config.server.tls.is_some(), "proxy listening");
+        cut_rx,
+    )?;
+    tracing::info!(
+        %addr,
+        routes = config.routes.len(),
+        tls = config.server.tls.is_some(),
+        workers = %options.workers,
+        "proxy listening"
+    );
     Ok(RunningProxy {
         addr,
         admin_addr,
         shared,
         shutdown,
+        cut,
         admin_stop,
         refresher_stop,
         server,
@@ -238,6 +263,11 @@ impl RunningProxy {
         self.shared.runtime.load_full()
     }
 
+    /// Where client connections are served.
+    pub fn workers(&self) -> Workers {
+        self.shared.workers
+    }
+
     /// Shared state (metrics, readiness).
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
@@ -268,6 +298,7 @@ impl RunningProxy {
             &self.shared.tuning,
             &self.shared.metrics,
             Some(&current),
+            self.shared.workers.pools(),
         );
         let runtime = match result {
             Ok(r) => r,
@@ -337,6 +368,7 @@ impl RunningProxy {
 impl Drop for RunningProxy {
     fn drop(&mut self) {
         self.shutdown.send_replace(true);
+        self.cut.send_replace(true);
         self.refresher_stop.send_replace(true);
         self.admin_stop.send_replace(true);
         self.shared.stop_refreshers();

@@ -11,6 +11,7 @@ use sha2::Digest;
 use sitecore_auth_proxy::app::{self, Options};
 use sitecore_auth_proxy::config::{Config, CredentialSettings};
 use sitecore_auth_proxy::runtime::Runtime;
+use sitecore_auth_proxy::server::Workers;
 use sitecore_auth_proxy::token::Credential;
 
 /// Exit code for an invalid configuration (EX_USAGE, as linkerd does).
@@ -77,7 +78,9 @@ fn main() -> ExitCode {
     let _log_guard = init_logging(cli.log_format);
     // Every subcommand that speaks TLS (run, check --fetch, healthcheck) needs the provider.
     sitecore_auth_proxy::install_crypto_providers();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // Admin, signals, token refreshers and the emulator run here; the proxy listener gets its
+    // own worker threads (`app::start`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -99,7 +102,7 @@ fn main() -> ExitCode {
     })
 }
 
-fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+fn init_logging(format: LogFormat) -> sitecore_auth_proxy::logging::LogGuard {
     use sitecore_auth_proxy::logging;
     let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
     let format = match format {
@@ -107,6 +110,24 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
         LogFormat::Json => logging::Format::Json,
     };
     logging::init_stderr(format, &directives)
+}
+
+/// `SITECORE_PROXY_WORKERS`: how many worker threads serve the proxy listener (default: one
+/// per available core).
+fn workers_from_env() -> Result<Workers, String> {
+    const VAR: &str = "SITECORE_PROXY_WORKERS";
+    match std::env::var(VAR) {
+        Err(_) => Ok(Workers::default()),
+        Ok(text) => text
+            .trim()
+            .parse::<std::num::NonZeroUsize>()
+            .ok()
+            .filter(|n| n.get() <= 1024)
+            .map(Workers::Threads)
+            .ok_or_else(|| {
+                format!("{VAR}: expected a number of threads from 1 to 1024, got {text:?}")
+            }),
+    }
 }
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -117,11 +138,21 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 }
 
 async fn run(path: &std::path::Path) -> ExitCode {
+    let options = match workers_from_env() {
+        Ok(workers) => Options {
+            workers,
+            ..Options::default()
+        },
+        Err(problem) => {
+            eprintln!("{problem}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let proxy = match app::start(config, Options::default()).await {
+    let proxy = match app::start(config, options).await {
         Ok(p) => p,
         Err(e) => {
             eprintln!("{}", sitecore_auth_proxy::token::ErrorChain(&e));
@@ -265,7 +296,7 @@ async fn check(path: &std::path::Path, fetch: bool) -> ExitCode {
     }
     sitecore_auth_proxy::install_crypto_providers();
     let config = std::sync::Arc::new(config);
-    let runtime = match Runtime::build(config, &Default::default(), &Default::default(), None) {
+    let runtime = match Runtime::build(config, &Default::default(), &Default::default(), None, 1) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("{e}");

@@ -381,7 +381,7 @@ async fn forward(
     route: &Route,
     request: Request<ProxyBody>,
 ) -> Result<Response<Incoming>, ProxyError> {
-    match tokio::time::timeout(route.timeout, rt.client.request(request)).await {
+    match tokio::time::timeout(route.timeout, rt.client().request(request)).await {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable(Box::new(e))),
         Err(_) => Err(ProxyError::UpstreamTimeout(route.timeout)),

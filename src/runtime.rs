@@ -23,8 +23,8 @@ pub struct Runtime {
     pub routes: RouteTable,
     /// Credentials by name (only those used by a route).
     pub credentials: HashMap<String, Credential>,
-    /// The pooled upstream client.
-    pub client: UpstreamClient,
+    /// One pooled upstream client per worker thread (see [`Runtime::client`]).
+    pub clients_by_worker: Box<[UpstreamClient]>,
     /// `server.forwarded_headers`.
     pub forwarded_headers: bool,
     /// `server.replay_body_limit`.
@@ -45,19 +45,24 @@ pub struct Runtime {
 pub struct BuildError(pub String);
 
 impl Runtime {
-    /// Builds the runtime. `previous` lends its credentials (and their cached tokens) to
-    /// credentials whose settings did not change.
+    /// Builds the runtime with `pools` upstream connection pools (one per worker thread).
+    /// `previous` lends its credentials (and their cached tokens) to credentials whose settings
+    /// did not change.
     pub fn build(
         config: Arc<Config>,
         tuning: &Tuning,
         metrics: &Arc<Metrics>,
         previous: Option<&Runtime>,
+        pools: usize,
     ) -> Result<Runtime, BuildError> {
         let server = &config.server;
         let tls = upstream::tls_client_config(&server.upstream_ca)
             .map_err(|e| BuildError(format!("upstream TLS roots: {e}")))?;
-        let client =
-            upstream::build_client(tls.clone(), server.connect_timeout, server.idle_timeout);
+        let clients_by_worker = (0..pools.max(1))
+            .map(|_| {
+                upstream::build_client(tls.clone(), server.connect_timeout, server.idle_timeout)
+            })
+            .collect();
         let http = token_http_client(tls, server.connect_timeout, tuning.token_request_timeout)?;
 
         let mut jwks: BTreeMap<String, Arc<Jwks>> = BTreeMap::new();
@@ -113,12 +118,19 @@ impl Runtime {
             tls,
             routes: RouteTable::new(routes),
             credentials,
-            client,
+            clients_by_worker,
             forwarded_headers: server.forwarded_headers,
             replay_body_limit: server.replay_body_limit,
             rewrite_location: server.rewrite_location,
             config,
         })
+    }
+
+    /// The upstream client of the calling worker thread. Each worker keeps its own pool, so a
+    /// pooled connection is driven by the thread whose requests use it.
+    pub fn client(&self) -> &UpstreamClient {
+        let index = crate::server::worker_index() % self.clients_by_worker.len();
+        &self.clients_by_worker[index]
     }
 
     /// The credential named by a route.

@@ -6,7 +6,9 @@
 //! idle deadline. On either of the last two it asks hyper for a graceful shutdown (HTTP/2 GOAWAY,
 //! HTTP/1.1 close after the current response), so no request is cut by the idle timeout.
 
+use std::cell::Cell;
 use std::convert::Infallible;
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,8 +19,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::ServerSettings;
 use crate::proxy::{process_request, ConnInfo, PipelineStats};
@@ -112,29 +114,180 @@ const OVERLOADED_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
 content-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 83\r\n\r\n\
 {\"error\":\"overloaded\",\"message\":\"The proxy is at its connection limit; retry later.\"}";
 
-/// Serves `listener` until `shutdown` turns true, then drains for up to the grace period and
-/// cuts what is left.
-pub async fn serve(
+/// Where the proxy listener's connections are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workers {
+    /// On the caller's tokio runtime, as one task (embedding, and benchmarks that want the whole
+    /// pipeline on one thread).
+    Inline,
+    /// On this many threads, each with its own single-threaded tokio runtime, its own accept
+    /// loop on the shared listening socket and its own upstream connection pool, so a request is
+    /// served start to end on one thread (like nginx's worker processes). The default: one per
+    /// available core (`SITECORE_PROXY_WORKERS` overrides it in the binary).
+    Threads(NonZeroUsize),
+}
+
+impl Default for Workers {
+    fn default() -> Workers {
+        Workers::Threads(std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN))
+    }
+}
+
+impl std::fmt::Display for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Workers::Inline => f.write_str("inline"),
+            Workers::Threads(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl Workers {
+    /// How many upstream connection pools a runtime needs: one per worker thread.
+    pub fn pools(self) -> usize {
+        match self {
+            Workers::Inline => 1,
+            Workers::Threads(n) => n.get(),
+        }
+    }
+}
+
+thread_local! {
+    /// The index of the worker thread this is (0 off the worker threads).
+    static WORKER_INDEX: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The index of the current worker thread, for picking its upstream pool (0 elsewhere).
+pub fn worker_index() -> usize {
+    WORKER_INDEX.with(Cell::get)
+}
+
+/// Why the listener could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// A worker thread or its runtime could not be created.
+    #[error("cannot start worker thread {index}")]
+    Worker {
+        /// Which worker.
+        index: usize,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Starts serving `listener` as `workers` says. The returned task ends when every accept loop
+/// has drained (after `shutdown`); `cut` ends the drain at once, cutting what is left.
+pub fn spawn(
     listener: TcpListener,
+    workers: Workers,
     runtime: Arc<ArcSwap<Runtime>>,
     stats: Arc<PipelineStats>,
     settings: ListenerSettings,
+    shutdown: watch::Receiver<bool>,
+    cut: watch::Receiver<bool>,
+) -> Result<JoinHandle<()>, SpawnError> {
+    let serving = Serving::new(runtime, stats, settings);
+    let n = match workers {
+        Workers::Inline => {
+            return Ok(tokio::spawn(serve(listener, serving, shutdown, cut)));
+        }
+        Workers::Threads(n) => n.get(),
+    };
+    let worker_error = |index| move |source| SpawnError::Worker { index, source };
+    let listener = listener.into_std().map_err(worker_error(0))?;
+    let mut done = Vec::with_capacity(n);
+    for index in 0..n {
+        let listener = listener.try_clone().map_err(worker_error(index))?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .on_thread_park(crate::logging::flush_this_thread)
+            .build()
+            .map_err(worker_error(index))?;
+        let (serving, shutdown, cut) = (serving.clone(), shutdown.clone(), cut.clone());
+        let (finished, finished_rx) = oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("proxy-worker-{index}"))
+            .spawn(move || {
+                WORKER_INDEX.with(|w| w.set(index));
+                crate::logging::batch_this_thread();
+                rt.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => serve(listener, serving, shutdown, cut).await,
+                        Err(e) => {
+                            tracing::error!(worker = index, error = %e, "worker cannot listen")
+                        }
+                    }
+                });
+                // Connection tasks the drain cut, and pooled upstream connections, end here.
+                drop(rt);
+                crate::logging::flush_this_thread();
+                let _ = finished.send(());
+            })
+            .map_err(worker_error(index))?;
+        done.push(finished_rx);
+    }
+    Ok(tokio::spawn(async move {
+        for finished in done {
+            // A worker that panicked drops its sender: it is finished all the same.
+            let _ = finished.await;
+        }
+    }))
+}
+
+/// What every accept loop of one listener shares, including the connection limit.
+#[derive(Clone)]
+struct Serving {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    runtime: Arc<ArcSwap<Runtime>>,
+    stats: Arc<PipelineStats>,
+    settings: ListenerSettings,
+    limit: Arc<Semaphore>,
+}
+
+impl Serving {
+    fn new(
+        runtime: Arc<ArcSwap<Runtime>>,
+        stats: Arc<PipelineStats>,
+        settings: ListenerSettings,
+    ) -> Serving {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(settings.header_read_timeout)
+            .keep_alive(true)
+            .max_buf_size(64 * 1024);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(64 * 1024)
+            .max_concurrent_streams(256);
+        Serving {
+            builder: Arc::new(builder),
+            runtime,
+            stats,
+            limit: Arc::new(Semaphore::new(settings.max_connections)),
+            settings,
+        }
+    }
+}
+
+/// One accept loop: serves `listener` until `shutdown` turns true, then drains for up to the
+/// grace period (or until `cut`) and cuts what is left.
+async fn serve(
+    listener: TcpListener,
+    serving: Serving,
     mut shutdown: watch::Receiver<bool>,
+    mut cut: watch::Receiver<bool>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .keep_alive(true)
-        .max_buf_size(64 * 1024);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(64 * 1024)
-        .max_concurrent_streams(256);
-    let builder = Arc::new(builder);
-    let limit = Arc::new(Semaphore::new(settings.max_connections));
+    let Serving {
+        builder,
+        runtime,
+        stats,
+        settings,
+        limit,
+    } = serving;
     // Every connection task, so the drain can wait for them and cut what outlives the grace.
     let mut connections = JoinSet::new();
 
@@ -195,19 +348,24 @@ pub async fn serve(
     // Stop accepting: the listener is dropped before the drain starts. Each connection has seen
     // the shutdown signal and is closing gracefully.
     drop(listener);
+    let worker = worker_index();
     tracing::info!(
+        worker,
         open_connections = connections.len(),
         grace_s = settings.shutdown_grace.as_secs(),
         "draining"
     );
-    let drained = tokio::time::timeout(settings.shutdown_grace, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
+    let drained = tokio::select! {
+        drained = tokio::time::timeout(settings.shutdown_grace, async {
+            while connections.join_next().await.is_some() {}
+        }) => drained.is_ok(),
+        _ = cut.wait_for(|cut| *cut) => false,
+    };
     match drained {
-        Ok(()) => tracing::info!("drained"),
-        Err(_) => {
+        true => tracing::info!(worker, "drained"),
+        false => {
             tracing::warn!(
+                worker,
                 open_connections = connections.len(),
                 inflight_requests = stats.inflight.load(Ordering::Relaxed),
                 "shutdown grace elapsed; cutting the remaining connections and requests"

@@ -305,3 +305,126 @@ async fn healthcheck_exits_zero_only_when_healthz_answers() {
     .expect("join");
     assert!(!status.success(), "nothing listening: non-zero");
 }
+
+/// The binary as users run it: worker threads from `SITECORE_PROXY_WORKERS`, one access-log
+/// line per request written while the proxy idles (the per-thread log buffers flush when a
+/// worker runs out of work), none lost on SIGTERM, and a drain that exits 0.
+#[tokio::test]
+async fn run_logs_every_request_while_idle_and_on_sigterm() {
+    use std::io::BufRead;
+    use std::sync::{Arc, Mutex};
+
+    use sitecore_auth_proxy::emulator::{Api, Emulator, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET};
+    let emulator = Emulator::builder().start().await.expect("emulator");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[credentials.automation]\n\
+         client_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret = \"{DEFAULT_CLIENT_SECRET}\"\ntoken_url = \"{}\"\n\n\
+         [[routes]]\nprefix = \"/deploy\"\nupstream = \"{}\"\ncredential = \"automation\"\n",
+        emulator.token_url(),
+        emulator.api_base(Api::Deploy)
+    );
+    let path = temp_config("run-log", &text);
+    let mut child = bin()
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("SITECORE_PROXY_WORKERS", "3")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let lines = Arc::clone(&lines);
+        let stderr = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                lines.lock().expect("lines").push(line);
+            }
+        })
+    };
+    let started = wait_for_log(&lines, |t| t.contains("proxy listening")).await;
+    let addr = started
+        .lines()
+        .find(|l| l.contains("proxy listening"))
+        .and_then(|l| l.split("addr=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the listening line names the address")
+        .to_owned();
+
+    // Fresh connections, so the three workers all take some.
+    const REQUESTS: usize = 60;
+    for _ in 0..REQUESTS {
+        let response = reqwest::Client::new()
+            .get(format!("http://{addr}/deploy/api/projects/v1"))
+            .send()
+            .await
+            .expect("response");
+        assert_eq!(response.status(), 200);
+        response.bytes().await.expect("body");
+    }
+    // Written while the proxy keeps running, not only at exit.
+    let idle_log = wait_for_log(&lines, |t| access_lines(t) >= REQUESTS).await;
+    assert_eq!(access_lines(&idle_log), REQUESTS, "{idle_log}");
+    assert!(idle_log.contains("workers=3"), "{idle_log}");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait().expect("wait"))
+        .await
+        .expect("join");
+    reader.join().expect("reader");
+    let text = lines.lock().expect("lines").join("\n");
+    assert!(
+        exit.success(),
+        "a drained shutdown exits 0: {exit:?}\n{text}"
+    );
+    assert_eq!(access_lines(&text), REQUESTS, "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.contains("drained")).count(),
+        3,
+        "each worker drains: {text}"
+    );
+    assert_eq!(emulator.upstream_requests(), REQUESTS as u64);
+}
+
+#[test]
+fn a_bad_worker_count_is_a_configuration_error() {
+    let path = temp_config("bad-workers", "[server]\nlisten = \"127.0.0.1:0\"\n");
+    for value in ["0", "many", "5000"] {
+        let output = bin()
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("SITECORE_PROXY_WORKERS", value)
+            .output()
+            .expect("run");
+        assert_eq!(output.status.code(), Some(64), "{value}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("SITECORE_PROXY_WORKERS") && stderr.contains(value),
+            "{stderr}"
+        );
+    }
+}
+
+fn access_lines(text: &str) -> usize {
+    text.lines().filter(|l| l.contains(" access: ")).count()
+}
+
+/// Waits (up to 15 s) until the collected stderr lines satisfy `done`; returns them.
+async fn wait_for_log(
+    lines: &std::sync::Mutex<Vec<String>>,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let text = lines.lock().expect("lines").join("\n");
+        if done(&text) || std::time::Instant::now() > deadline {
+            return text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -314,15 +314,20 @@ async fn beyond_max_connections_a_client_gets_503_overloaded_and_the_proxy_recov
     let h = Harness::with(setup).await;
     let addr = h.proxy.local_addr();
 
-    // Two connections that have sent nothing yet hold both slots (the accept queue is FIFO, so
-    // the proxy takes them before the third).
-    let first = TcpStream::connect(addr).await.expect("connect 1");
-    let second = TcpStream::connect(addr).await.expect("connect 2");
-
-    let mut third = TcpStream::connect(addr).await.expect("connect 3");
-    let answer = tokio::time::timeout(NOT_A_HANG, read_until_closed(&mut third))
-        .await
-        .expect("the excess connection is answered and closed");
+    // Three connections that send nothing: two hold both slots, the third is refused. Which one
+    // is refused depends on which worker thread takes which connection first.
+    let mut a = TcpStream::connect(addr).await.expect("connect 1");
+    let mut b = TcpStream::connect(addr).await.expect("connect 2");
+    let mut c = TcpStream::connect(addr).await.expect("connect 3");
+    let refused = tokio::time::timeout(NOT_A_HANG, async {
+        tokio::select! {
+            answer = read_until_closed(&mut a) => (answer, [b, c]),
+            answer = read_until_closed(&mut b) => (answer, [a, c]),
+            answer = read_until_closed(&mut c) => (answer, [a, b]),
+        }
+    })
+    .await;
+    let (answer, [first, second]) = refused.expect("the excess connection is answered and closed");
     assert!(
         answer.starts_with("HTTP/1.1 503 "),
         "an HTTP/1.1 503: {answer:?}"

@@ -632,6 +632,9 @@ def main():
     ap.add_argument("--h2-streams", type=int, default=16)
     ap.add_argument("--upstream-threads", type=int, default=1)
     ap.add_argument("--skip-probes", action="store_true")
+    ap.add_argument("--protos", default="h1,h2,h1-c1", help="comma-separated subset of h1,h2,h1-c1")
+    ap.add_argument("--probes", default="cold_start,upload_1gib,idle_10k,refresh",
+                    help="comma-separated subset of the probes")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
     a = ap.parse_args()
     # A stopped run still stops what it started (the `finally` below).
@@ -667,7 +670,7 @@ def main():
             with urllib.request.urlopen(h1, timeout=10) as r:
                 assert r.status == 200, name
             run_wrk(h1, a.conns, 1)
-        protos = ("h1", "h2", "h1-c1")
+        protos = tuple(p for p in ("h1", "h2", "h1-c1") if p in a.protos.split(","))
         samples = {proto: {n: [] for n in contenders} for proto in protos}
         for rep in range(reps):
             for proto in protos:
@@ -689,10 +692,14 @@ def main():
         stop(haproxy)
         stop(quiet)
         probes = {}
-        if not a.skip_probes:
+        wanted = set() if a.skip_probes else set(a.probes.split(","))
+        if "cold_start" in wanted:
             probes["cold_start"] = probe_cold_start(env, 1000)
+        if "upload_1gib" in wanted:
             probes["upload_1gib"] = probe_upload(env, emulator, 1 << 30)
+        if "idle_10k" in wanted:
             probes["idle_10k"] = probe_idle(env, emulator, 10_000)
+        if "refresh" in wanted:
             probes["refresh"] = probe_refresh(env, emulator, 20, 1 if a.quick else 3, a.conns)
         stop(proxy)
         report = {

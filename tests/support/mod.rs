@@ -147,9 +147,15 @@ impl Harness {
 
     pub async fn from_text(emulator: Emulator, text: &str, tuning: Tuning) -> Harness {
         let config = parse(text);
-        let proxy = app::start(config, Options { tuning })
-            .await
-            .expect("proxy starts");
+        let proxy = app::start(
+            config,
+            Options {
+                tuning,
+                ..Options::default()
+            },
+        )
+        .await
+        .expect("proxy starts");
         let base = format!("http://{}", proxy.local_addr());
         Harness {
             emulator,
