@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Where the proxy's CPU goes: user/system CPU per request against nginx, then a perf profile.
+#
+#   bash benches/load/profile.sh [seconds]
+#
+# Needs what run.sh installs (wrk, nginx) plus perf (Debian's linux-perf, installed when missing).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+
+if ! command -v perf >/dev/null; then
+    sudo=""
+    [[ $(id -u) -eq 0 ]] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends linux-perf >/dev/null
+fi
+for tool in wrk nginx; do
+    command -v "$tool" >/dev/null || { echo "$tool is missing: run benches/load/run.sh once" >&2; exit 1; }
+done
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target/profile-build}"
+CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
+    cargo build --release --quiet --bin sitecore-auth-proxy --example bench_upstream --example bench_emulator
+ulimit -n 65536 2>/dev/null || true
+PROFILE_TARGET="$CARGO_TARGET_DIR/release" exec python3 benches/load/profile.py "$@"
