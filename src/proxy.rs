@@ -12,13 +12,18 @@
 //! Errors become JSON in one place ([`ProxyError::into_response`]); the full error chain is logged
 //! once, here. The access-log line and the request metrics are written when the response body
 //! ends (see [`TrackedBody`]), so duration and bytes cover streamed responses too.
+//!
+//! The route's timeout bounds every wait on a peer: the upstream's response head (counted from
+//! the end of a streamed request body), and each stretch in which a body streamed in either
+//! direction delivers no bytes ([`PeerBody`]). A stalled body is cut; a slow but steady one is
+//! not.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
@@ -28,7 +33,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::body::{read_ahead, ProxyBody, ReadAhead};
+use crate::body::{read_ahead, BodyError, PeerBody, ProxyBody, ReadAhead, UploadWatch};
 use crate::error::ProxyError;
 use crate::inbound::{ClientIdentity, Clients};
 use crate::metrics::{Metrics, RequestLabels, RouteLabels, UpstreamErrorLabels};
@@ -83,6 +88,9 @@ struct Outcome {
     route: Option<Arc<Route>>,
     client: Option<Arc<str>>,
     upstream_status: Option<u16>,
+    /// The client's request body stalled: the request was abandoned, and not for the upstream's
+    /// fault.
+    client_stalled: bool,
 }
 
 /// Handles one request end to end; never fails, errors become JSON responses.
@@ -108,23 +116,22 @@ pub async fn process_request(
     let mut response = match proxy(&runtime, &stats, req, conn, &mut record.outcome).await {
         Ok(response) => response,
         Err(error) => {
+            let client_stalled = record.outcome.client_stalled;
             let kind = match &error {
                 ProxyError::UpstreamUnreachable(_) => Some("unreachable"),
+                // A stalled client is answered 504 too (DESIGN.md has no code of its own for
+                // it), but it is not an upstream error.
+                ProxyError::UpstreamTimeout(_) if client_stalled => None,
                 ProxyError::UpstreamTimeout(_) => Some("timeout"),
                 _ => None,
             };
             if let (Some(kind), Some(route)) = (kind, &record.outcome.route) {
-                stats
-                    .metrics
-                    .upstream_errors
-                    .get_or_create(&UpstreamErrorLabels {
-                        route: Arc::clone(&route.label),
-                        kind,
-                    })
-                    .inc();
+                count_upstream_error(&stats.metrics, route, kind);
             }
             let (id, method, path) = (&record.request_id, &record.method, &record.path);
-            if kind.is_some() || matches!(error, ProxyError::TokenUnavailable(_)) {
+            if client_stalled {
+                tracing::debug!(request_id = ?id, %method, %path, "request body stalled; request abandoned");
+            } else if kind.is_some() || matches!(error, ProxyError::TokenUnavailable(_)) {
                 tracing::warn!(request_id = ?id, %method, %path, error = %ErrorChain(&error), "request failed");
             } else {
                 tracing::debug!(request_id = ?id, %method, %path, error = %ErrorChain(&error), "request refused");
@@ -167,7 +174,7 @@ async fn proxy(
     // 2. inbound_auth. The local token endpoint authenticates by its body.
     if let Some(clients) = &rt.clients {
         if rt.token_endpoint.as_deref() == Some(req.uri().path()) {
-            return local_token_endpoint(clients, req).await;
+            return local_token_endpoint(clients, req, rt.config.server.request_timeout).await;
         }
         let identity = clients
             .authenticate(req.headers())
@@ -235,23 +242,43 @@ async fn proxy(
 
     // Bodies are read ahead up to `replay_body_limit`: a small one is checked whole (bad
     // chunking or a short body is refused before anything is sent) and kept for a replay after
-    // a 401; a larger one streams (after what was read, when its length was not declared).
-    let (replay, first_body) = match declared_len(&headers, &body) {
-        Some(len) if len > rt.replay_body_limit => (None, ProxyBody::Incoming(body)),
-        _ if body.is_end_stream() => (Some(Bytes::new()), ProxyBody::Empty),
-        _ => match read_ahead(body, rt.replay_body_limit)
-            .await
-            .map_err(|_| ProxyError::BadRequest("The request body is malformed or incomplete."))?
-        {
-            ReadAhead::Complete(bytes) => (Some(bytes.clone()), ProxyBody::full(bytes)),
-            ReadAhead::Partial(body) => (None, body),
+    // a 401; a larger one streams (after what was read, when its length was not declared),
+    // watched so that its end starts the wait for the upstream's answer.
+    let stalled = |outcome: &mut Outcome| {
+        outcome.client_stalled = true;
+        ProxyError::UpstreamTimeout(route.timeout)
+    };
+    let (replay, first_body, upload) = match declared_len(&headers, &body) {
+        Some(len) if len > rt.replay_body_limit => {
+            let (body, watch) = PeerBody::new(body, route.timeout).watched();
+            (None, ProxyBody::Streamed(body), Some(watch))
+        }
+        _ if body.is_end_stream() => (Some(Bytes::new()), ProxyBody::Empty, None),
+        _ => match read_ahead(PeerBody::new(body, route.timeout), rt.replay_body_limit).await {
+            Ok(ReadAhead::Complete(bytes)) => (Some(bytes.clone()), ProxyBody::full(bytes), None),
+            Ok(ReadAhead::Partial { head, rest }) => {
+                let (rest, watch) = rest.watched();
+                (None, ProxyBody::Prefixed { head, rest }, Some(watch))
+            }
+            Err(BodyError::Idle(_)) => return Err(stalled(outcome)),
+            Err(BodyError::Peer(_)) => {
+                return Err(ProxyError::BadRequest(
+                    "The request body is malformed or incomplete.",
+                ))
+            }
         },
     };
     let method = parts.method;
     let first = build_request(&method, &uri, headers.clone(), first_body);
 
     // 6. forward
-    let response = forward(rt, &route, first).await?;
+    let response = match forward(rt, &route, first, upload.as_deref()).await {
+        Ok(response) => response,
+        Err(_) if upload.as_deref().is_some_and(UploadWatch::stalled) => {
+            return Err(stalled(outcome))
+        }
+        Err(error) => return Err(error),
+    };
     outcome.upstream_status = Some(response.status().as_u16());
 
     // 7. upstream_401
@@ -263,7 +290,7 @@ async fn proxy(
                     stats.replays.fetch_add(1, Ordering::Relaxed);
                     headers.insert(header::AUTHORIZATION, fresh.authorization.clone());
                     let again = build_request(&method, &uri, headers, ProxyBody::full(bytes));
-                    let response = forward(rt, &route, again).await?;
+                    let response = forward(rt, &route, again, None).await?;
                     outcome.upstream_status = Some(response.status().as_u16());
                     response
                 }
@@ -289,7 +316,21 @@ async fn proxy(
             }
         }
     }
-    Ok(Response::from_parts(parts, ProxyBody::Incoming(body)))
+    Ok(Response::from_parts(
+        parts,
+        ProxyBody::Streamed(PeerBody::new(body, route.timeout)),
+    ))
+}
+
+/// `proxy_upstream_errors_total{route, kind}` + 1.
+fn count_upstream_error(metrics: &Metrics, route: &Route, kind: &'static str) {
+    metrics
+        .upstream_errors
+        .get_or_create(&UpstreamErrorLabels {
+            route: Arc::clone(&route.label),
+            kind,
+        })
+        .inc();
 }
 
 /// The client's `X-Request-Id` when it is a sane token, otherwise a fresh random one.
@@ -311,9 +352,11 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
 /// Largest body the local token endpoint reads.
 const TOKEN_REQUEST_LIMIT: usize = 64 * 1024;
 
+/// The local token endpoint; a body that stalls for `idle` is refused like a malformed one.
 async fn local_token_endpoint(
     clients: &Clients,
     req: Request<Incoming>,
+    idle: Duration,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if req.method() != Method::POST {
         return Err(ProxyError::MethodNotAllowed);
@@ -328,7 +371,8 @@ async fn local_token_endpoint(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let body = http_body_util::Limited::new(req.into_body(), TOKEN_REQUEST_LIMIT)
+    let body = PeerBody::new(req.into_body(), idle);
+    let body = http_body_util::Limited::new(body, TOKEN_REQUEST_LIMIT)
         .collect()
         .await
         .map_err(|e| {
@@ -376,15 +420,33 @@ fn build_request(
     request
 }
 
+/// Sends `request` and waits up to the route's timeout for the response head. While a streamed
+/// request body is still moving, the wait runs from its last bytes (the upstream answers once it
+/// has the whole body); while it waits on the client, the body's own idle timer decides.
 async fn forward(
     rt: &Runtime,
     route: &Route,
     request: Request<ProxyBody>,
+    upload: Option<&UploadWatch>,
 ) -> Result<Response<Incoming>, ProxyError> {
-    match tokio::time::timeout(route.timeout, rt.client().request(request)).await {
-        Ok(Ok(response)) => Ok(response),
-        Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable(Box::new(e))),
-        Err(_) => Err(ProxyError::UpstreamTimeout(route.timeout)),
+    let mut sent = rt.client().request(request);
+    let mut deadline = tokio::time::Instant::now() + route.timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, &mut sent).await {
+            Ok(Ok(response)) => return Ok(response),
+            Ok(Err(e)) => return Err(ProxyError::UpstreamUnreachable(Box::new(e))),
+            Err(_) => {
+                let now = tokio::time::Instant::now();
+                deadline = match upload {
+                    Some(upload) if upload.waiting_on_client() => now + route.timeout,
+                    Some(upload) if upload.last_progress() + route.timeout > now => {
+                        upload.last_progress() + route.timeout
+                    }
+                    // No upload, or one the upstream stopped reading.
+                    _ => return Err(ProxyError::UpstreamTimeout(route.timeout)),
+                };
+            }
+        }
     }
 }
 
@@ -419,6 +481,8 @@ struct AccessRecord {
     outcome: Outcome,
     bytes: u64,
     complete: bool,
+    /// The DESIGN.md code of what cut the response body, when something did.
+    cut: Option<&'static str>,
     stats: Arc<PipelineStats>,
     activity: Arc<ConnActivity>,
 }
@@ -446,9 +510,20 @@ impl AccessRecord {
             outcome: Outcome::default(),
             bytes: 0,
             complete: false,
+            cut: None,
             stats,
             activity,
         }
+    }
+
+    /// The upstream's response body stalled and is cut: an upstream timeout, after the head.
+    fn upstream_stalled(&mut self, error: &BodyError) {
+        self.cut = Some("upstream_timeout");
+        if let Some(route) = &self.outcome.route {
+            count_upstream_error(&self.stats.metrics, route, "timeout");
+        }
+        let (id, method, path) = (&self.request_id, &self.method, &self.path);
+        tracing::warn!(request_id = ?id, %method, %path, error = %ErrorChain(error), "response body cut");
     }
 }
 
@@ -495,6 +570,7 @@ impl Drop for AccessRecord {
             duration_us = elapsed.as_micros() as u64,
             bytes = self.bytes,
             complete,
+            error = self.cut,
             "request"
         );
     }
@@ -510,18 +586,28 @@ pub struct TrackedBody {
 
 impl Body for TrackedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                this.record.bytes += data.len() as u64;
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.record.bytes += data.len() as u64;
+                }
             }
+            // The upstream stalled mid-body. The error makes the server cut the response
+            // (HTTP/1.1: the connection closes short of the body's end; HTTP/2: the stream is
+            // reset), and dropping the upstream body closes that upstream connection instead of
+            // pooling it.
+            Poll::Ready(Some(Err(error @ BodyError::Idle(_)))) => {
+                this.record.upstream_stalled(error)
+            }
+            _ => {}
         }
         polled
     }

@@ -56,6 +56,27 @@ pub(super) enum ResponseBody {
     Full(Option<Bytes>),
     /// [`super::pattern_bytes`] from offset 0, in chunks.
     Pattern(PatternStream),
+    /// A first chunk, then a stall.
+    Stalled(StalledBody),
+}
+
+/// A body that sends its first bytes and then never another: its waker is never woken, so it
+/// stays pending until the peer closes the connection (or the emulator stops).
+#[derive(Debug)]
+pub(super) struct StalledBody {
+    head: Option<Bytes>,
+    remaining: u64,
+}
+
+impl StalledBody {
+    /// `sent` bytes of the pattern out of a declared `declared` (at least `sent`).
+    pub(super) fn new(sent: u64, declared: u64) -> Self {
+        let sent_len = usize::try_from(sent).unwrap_or(usize::MAX);
+        StalledBody {
+            head: (sent > 0).then(|| super::pattern_bytes(0, sent_len)),
+            remaining: declared.max(sent),
+        }
+    }
 }
 
 /// The state of a streamed pattern body.
@@ -112,6 +133,13 @@ impl Body for ResponseBody {
                 }
                 Poll::Ready(Some(Ok(Frame::data(data))))
             }
+            ResponseBody::Stalled(stalled) => match stalled.head.take() {
+                Some(data) => {
+                    stalled.remaining -= data.len() as u64;
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
+                None => Poll::Pending,
+            },
         }
     }
 
@@ -119,6 +147,7 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Full(data) => data.is_none(),
             ResponseBody::Pattern(stream) => stream.remaining == 0,
+            ResponseBody::Stalled(stalled) => stalled.remaining == 0,
         }
     }
 
@@ -128,6 +157,7 @@ impl Body for ResponseBody {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             ResponseBody::Pattern(stream) => SizeHint::with_exact(stream.remaining),
+            ResponseBody::Stalled(stalled) => SizeHint::with_exact(stalled.remaining),
         }
     }
 }

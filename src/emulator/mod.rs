@@ -5,8 +5,9 @@
 //! It is the fixture behind the integration tests, the `demo` command and the benchmarks. The
 //! emulated APIs check the bearer token themselves (signature against the published keys, issuer,
 //! audience, expiry) and echo what they received as JSON, so a test can assert exactly what the
-//! proxy forwarded. Faults (error statuses, delays, bad tokens, connection resets) are injected
-//! through [`Emulator`] methods, either queued (one per request) or persistent.
+//! proxy forwarded. Faults (error statuses, delays, bad tokens, connection resets, stalled
+//! bodies) are injected through [`Emulator`] methods, either queued (one per request) or
+//! persistent.
 //!
 //! This file owns the builder, the running handle and the shared state; `token.rs` the token
 //! endpoint, JWKS and signing; `upstream.rs` the emulated APIs; `http.rs` the accept loop.
@@ -453,13 +454,14 @@ impl Shared {
         id
     }
 
-    /// Fills in the body size and digest of a seen request (if still logged).
-    fn finish_seen(&self, id: u64, body_bytes: u64, body_sha256: String) {
+    /// Fills in the body size, digest and outcome of a seen request (if still logged).
+    fn finish_seen(&self, id: u64, body_bytes: u64, body_sha256: String, aborted: bool) {
         let mut log = lock(&self.seen);
         // The entry is almost always the last one; search from the back.
         if let Some((_, seen)) = log.iter_mut().rev().find(|(seen_id, _)| *seen_id == id) {
             seen.body_bytes = body_bytes;
             seen.body_sha256 = body_sha256;
+            seen.body_aborted = aborted;
         }
     }
 }

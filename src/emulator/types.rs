@@ -169,6 +169,15 @@ pub enum UpstreamFault {
     Delay(Duration),
     /// Drop the connection (HTTP/1.1) or reset the stream (HTTP/2) without a response.
     Reset,
+    /// Read the request, answer 200 with a head declaring `declared` body bytes, send the first
+    /// `sent` of them (the byte pattern of `emulator_bytes`), then nothing more: the body stalls
+    /// until the peer gives up.
+    StallBody {
+        /// Body bytes sent before the stall.
+        sent: u64,
+        /// The `Content-Length` the head declares.
+        declared: u64,
+    },
 }
 
 /// A request as one of the emulated APIs received it.
@@ -192,6 +201,9 @@ pub struct SeenRequest {
     pub body_bytes: u64,
     /// The SHA-256 of the body, lowercase hex (of the empty string until the body has been read).
     pub body_sha256: String,
+    /// Whether the body broke off before its end (the peer reset or closed the connection, or
+    /// sent a malformed body): `body_bytes` is then what arrived before.
+    pub body_aborted: bool,
     /// Whether the bearer token passed the emulator's checks.
     pub token_valid: bool,
     /// The HTTP version, as `HTTP/1.1` or `HTTP/2.0`.

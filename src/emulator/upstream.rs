@@ -12,7 +12,9 @@ use hyper::body::Incoming;
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
-use super::http::{fault_status, json_response, ConnectionReset, PatternStream, ResponseBody};
+use super::http::{
+    fault_status, json_response, ConnectionReset, PatternStream, ResponseBody, StalledBody,
+};
 use super::{lock, token, Family, SeenRequest, Shared, UpstreamFault};
 
 /// The pattern repeats every this many bytes (a prime, so it never lines up with chunk sizes).
@@ -82,6 +84,12 @@ pub(super) async fn handle(
     match fault {
         Some(UpstreamFault::Reset) => return Err(ConnectionReset),
         Some(UpstreamFault::Delay(delay)) => tokio::time::sleep(delay).await,
+        Some(UpstreamFault::StallBody { sent, declared }) => {
+            drain(shared, id, body).await?;
+            return Ok(Response::new(ResponseBody::Stalled(StalledBody::new(
+                sent, declared,
+            ))));
+        }
         Some(UpstreamFault::Status(code)) => {
             drain(shared, id, body).await?;
             let status = fault_status(code);
@@ -167,6 +175,7 @@ fn seen_request(family: Family, request: &Request<Incoming>) -> SeenRequest {
         headers,
         body_bytes: 0,
         body_sha256: hex::encode(Sha256::digest([])),
+        body_aborted: false,
         token_valid: false,
         version: format!("{:?}", request.version()),
     }
@@ -231,7 +240,7 @@ async fn drain(
         }
     }
     let digest = hex::encode(hasher.finalize());
-    shared.finish_seen(id, total, digest.clone());
+    shared.finish_seen(id, total, digest.clone(), failed);
     if failed {
         // The client went away mid-body: nobody is left to answer.
         return Err(ConnectionReset);

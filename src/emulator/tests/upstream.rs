@@ -237,6 +237,67 @@ async fn large_bodies_are_hashed_while_streaming() {
     assert_eq!(echo["body_sha256"], sha256_hex(&body));
 }
 
+#[tokio::test]
+async fn a_stalled_body_sends_its_first_bytes_then_nothing() {
+    let emulator = start(Emulator::builder()).await;
+    let token = emulator.mint_token("c", DEFAULT_AUDIENCE, Duration::from_secs(60));
+    emulator.push_upstream_faults([UpstreamFault::StallBody {
+        sent: 300,
+        declared: 5000,
+    }]);
+    let mut response = call_api(&emulator, Api::Deploy, "/stall", Some(&token)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.content_length(), Some(5000));
+    let mut received = Vec::new();
+    // The first bytes come at once; then the body stays open with nothing more.
+    let stalled = tokio::time::timeout(Duration::from_millis(500), async {
+        while let Ok(Some(chunk)) = response.chunk().await {
+            received.extend_from_slice(&chunk);
+        }
+    })
+    .await;
+    assert!(stalled.is_err(), "the body neither ends nor fails");
+    assert_eq!(received, pattern_bytes(0, 300));
+}
+
+#[tokio::test]
+async fn a_request_body_that_breaks_off_is_recorded_as_aborted() {
+    use tokio::io::AsyncWriteExt as _;
+    let emulator = start(Emulator::builder()).await;
+    let token = emulator.mint_token("c", DEFAULT_AUDIENCE, Duration::from_secs(60));
+    let addr = emulator
+        .api_base(Api::Deploy)
+        .trim_start_matches("http://")
+        .to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\ncontent-length: 1000\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.expect("head");
+    stream
+        .write_all(&[7u8; 400])
+        .await
+        .expect("part of the body");
+    drop(stream);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = emulator.seen_requests();
+        if seen.first().is_some_and(|s| s.body_aborted) {
+            assert_eq!(seen[0].body_bytes, 400);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{seen:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // A whole body is not aborted.
+    let response = call_api(&emulator, Api::Deploy, "/whole", Some(&token)).await;
+    assert_eq!(response.status(), 200);
+    assert!(!emulator.seen_requests()[1].body_aborted);
+}
+
 #[test]
 fn pattern_bytes_is_consistent_across_offsets_and_sizes() {
     let whole = pattern_bytes(0, 300_000);
