@@ -46,6 +46,11 @@ pub enum ProxyError {
     /// The upstream did not send response headers in time.
     #[error("upstream timed out after {0:?}")]
     UpstreamTimeout(Duration),
+    /// The client's request body moved no bytes for the route's timeout. Answered like an
+    /// upstream timeout (DESIGN.md has no client-timeout code) but with its own message, and not
+    /// counted against the upstream.
+    #[error("request body stalled for {0:?}")]
+    RequestBodyStalled(Duration),
 }
 
 impl ProxyError {
@@ -61,7 +66,9 @@ impl ProxyError {
             ProxyError::TokenUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
-            ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::UpstreamTimeout(_) | ProxyError::RequestBodyStalled(_) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
         }
     }
 
@@ -77,7 +84,9 @@ impl ProxyError {
             ProxyError::TokenUnavailable(_) => "token_unavailable",
             ProxyError::Overloaded => "overloaded",
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
-            ProxyError::UpstreamTimeout(_) => "upstream_timeout",
+            ProxyError::UpstreamTimeout(_) | ProxyError::RequestBodyStalled(_) => {
+                "upstream_timeout"
+            }
         }
     }
 
@@ -96,6 +105,9 @@ impl ProxyError {
             ProxyError::Overloaded => "The proxy is at its connection limit; retry later.",
             ProxyError::UpstreamUnreachable(_) => "The upstream could not be reached.",
             ProxyError::UpstreamTimeout(_) => "The upstream did not answer in time.",
+            ProxyError::RequestBodyStalled(_) => {
+                "The request body stopped arriving; the request was abandoned."
+            }
         }
     }
 

@@ -88,9 +88,6 @@ struct Outcome {
     route: Option<Arc<Route>>,
     client: Option<Arc<str>>,
     upstream_status: Option<u16>,
-    /// The client's request body stalled: the request was abandoned, and not for the upstream's
-    /// fault.
-    client_stalled: bool,
 }
 
 /// Handles one request end to end; never fails, errors become JSON responses.
@@ -116,12 +113,8 @@ pub async fn process_request(
     let mut response = match proxy(&runtime, &stats, req, conn, &mut record.outcome).await {
         Ok(response) => response,
         Err(error) => {
-            let client_stalled = record.outcome.client_stalled;
             let kind = match &error {
                 ProxyError::UpstreamUnreachable(_) => Some("unreachable"),
-                // A stalled client is answered 504 too (DESIGN.md has no code of its own for
-                // it), but it is not an upstream error.
-                ProxyError::UpstreamTimeout(_) if client_stalled => None,
                 ProxyError::UpstreamTimeout(_) => Some("timeout"),
                 _ => None,
             };
@@ -129,7 +122,7 @@ pub async fn process_request(
                 count_upstream_error(&stats.metrics, route, kind);
             }
             let (id, method, path) = (&record.request_id, &record.method, &record.path);
-            if client_stalled {
+            if matches!(error, ProxyError::RequestBodyStalled(_)) {
                 tracing::debug!(request_id = ?id, %method, %path, "request body stalled; request abandoned");
             } else if kind.is_some() || matches!(error, ProxyError::TokenUnavailable(_)) {
                 tracing::warn!(request_id = ?id, %method, %path, error = %ErrorChain(&error), "request failed");
@@ -244,10 +237,6 @@ async fn proxy(
     // chunking or a short body is refused before anything is sent) and kept for a replay after
     // a 401; a larger one streams (after what was read, when its length was not declared),
     // watched so that its end starts the wait for the upstream's answer.
-    let stalled = |outcome: &mut Outcome| {
-        outcome.client_stalled = true;
-        ProxyError::UpstreamTimeout(route.timeout)
-    };
     let (replay, first_body, upload) = match declared_len(&headers, &body) {
         Some(len) if len > rt.replay_body_limit => {
             let (body, watch) = PeerBody::new(body, route.timeout).watched();
@@ -260,7 +249,7 @@ async fn proxy(
                 let (rest, watch) = rest.watched();
                 (None, ProxyBody::Prefixed { head, rest }, Some(watch))
             }
-            Err(BodyError::Idle(_)) => return Err(stalled(outcome)),
+            Err(BodyError::Idle(_)) => return Err(ProxyError::RequestBodyStalled(route.timeout)),
             Err(BodyError::Peer(_)) => {
                 return Err(ProxyError::BadRequest(
                     "The request body is malformed or incomplete.",
@@ -275,7 +264,7 @@ async fn proxy(
     let response = match forward(rt, &route, first, upload.as_deref()).await {
         Ok(response) => response,
         Err(_) if upload.as_deref().is_some_and(UploadWatch::stalled) => {
-            return Err(stalled(outcome))
+            return Err(ProxyError::RequestBodyStalled(route.timeout))
         }
         Err(error) => return Err(error),
     };

@@ -6,8 +6,8 @@
 //!   the connection closes short of `Content-Length`; HTTP/2: the stream is reset), the access
 //!   line says `complete: false` and `error: "upstream_timeout"`, the upstream error metric
 //!   counts a timeout, and the stalled upstream connection is never reused.
-//! - A client stalls its upload: 504 `upstream_timeout` (DESIGN.md has no code for a client
-//!   timeout), not counted as an upstream error. A body within `replay_body_limit` is read ahead,
+//! - A client stalls its upload: 504 `upstream_timeout` with its own message (DESIGN.md has no
+//!   code for a client timeout), not counted as an upstream error. A body within `replay_body_limit` is read ahead,
 //!   so nothing reaches the upstream; a larger one streams, and the upstream sees it break off.
 //!
 //! The proxy runs inline on the test's runtime (one upstream pool, so connection reuse is
@@ -379,6 +379,10 @@ async fn stalled_upload(h: &Harness, head: &str, partial: &[u8]) -> String {
 
 async fn assert_client_stall_answer(h: &Harness, response: &str, request_id: &str) {
     assert_504_upstream_timeout(response);
+    assert!(
+        body_of(response).contains("request body stopped arriving"),
+        "the message blames the request body, not the upstream: {response}"
+    );
     let line = access_line(request_id).await;
     assert_eq!(line["status"], 504, "{line}");
     assert_eq!(
@@ -538,6 +542,10 @@ async fn an_upstream_that_stops_reading_an_upload_is_the_one_timed_out() {
     });
     let response = read_response(&mut reader).await;
     assert_504_upstream_timeout(&response);
+    assert!(
+        body_of(&response).contains("upstream did not answer"),
+        "{response}"
+    );
     assert_eq!(
         upstream_timeouts(&h),
         1.0,

@@ -23,6 +23,8 @@ pub(super) fn client() -> reqwest::Client {
 }
 
 pub(super) async fn start(builder: EmulatorBuilder) -> Emulator {
+    // Tests that build their own reqwest client need the provider too, whichever runs first.
+    crate::install_crypto_providers();
     builder.start().await.expect("emulator starts")
 }
 
