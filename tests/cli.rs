@@ -353,6 +353,7 @@ async fn run_logs_every_request_while_idle_and_on_sigterm() {
         .to_owned();
 
     // Fresh connections, so the three workers all take some.
+    sitecore_auth_proxy::install_crypto_providers();
     const REQUESTS: usize = 60;
     for _ in 0..REQUESTS {
         let response = reqwest::Client::new()

@@ -184,6 +184,8 @@ impl Harness {
 
 /// A plain HTTP/1.1 client without connection reuse surprises.
 pub fn client() -> reqwest::Client {
+    // A test may build its client before anything else in the process installed the provider.
+    sitecore_auth_proxy::install_crypto_providers();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .redirect(reqwest::redirect::Policy::none())
