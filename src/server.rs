@@ -1,6 +1,11 @@
 //! The client-facing listener: accept loop, connection limit, TLS, HTTP/1.1 + HTTP/2 (h2c prior
-//! knowledge, or ALPN with TLS) through hyper-util's auto builder, the idle timeout, and the
-//! graceful drain.
+//! knowledge, or ALPN with TLS), the idle timeout, and the graceful drain.
+//!
+//! The protocol comes from ALPN, or for plain connections from a `peek` at the first bytes, and
+//! the connection goes straight to hyper's HTTP/1 or HTTP/2 server; hyper-util's auto builder is
+//! only the fallback for a split HTTP/2 preface. Peeking instead of reading ahead keeps hyper's
+//! HTTP/1 read buffer at 8 KiB, and the request future and the TLS states are boxed, so an idle
+//! HTTP/1.1 connection costs about 13 KiB instead of 26 (BENCHMARKS.md, finding 4).
 //!
 //! Each connection task watches three things: the connection itself, the drain signal, and its
 //! idle deadline. On either of the last two it asks hyper for a graceful shutdown (HTTP/2 GOAWAY,
@@ -238,7 +243,7 @@ pub fn spawn(
 /// What every accept loop of one listener shares, including the connection limit.
 #[derive(Clone)]
 struct Serving {
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builders: Arc<Builders>,
     runtime: Arc<ArcSwap<Runtime>>,
     stats: Arc<PipelineStats>,
     settings: ListenerSettings,
@@ -251,20 +256,8 @@ impl Serving {
         stats: Arc<PipelineStats>,
         settings: ListenerSettings,
     ) -> Serving {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(settings.header_read_timeout)
-            .keep_alive(true)
-            .max_buf_size(64 * 1024);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(64 * 1024)
-            .max_concurrent_streams(256);
         Serving {
-            builder: Arc::new(builder),
+            builders: Arc::new(Builders::new(&settings)),
             runtime,
             stats,
             limit: Arc::new(Semaphore::new(settings.max_connections)),
@@ -282,7 +275,7 @@ async fn serve(
     mut cut: watch::Receiver<bool>,
 ) {
     let Serving {
-        builder,
+        builders,
         runtime,
         stats,
         settings,
@@ -321,7 +314,7 @@ async fn serve(
         let _ = stream.set_nodelay(true);
         let tls = runtime.load().tls.clone();
         let connection = Connection {
-            builder: Arc::clone(&builder),
+            builders: Arc::clone(&builders),
             runtime: Arc::clone(&runtime),
             stats: Arc::clone(&stats),
             shutdown: shutdown.clone(),
@@ -332,14 +325,31 @@ async fn serve(
         connections.spawn(async move {
             let _permit = permit;
             match tls {
-                None => connection.serve(TokioIo::new(stream), peer, false).await,
+                None => connection.serve_plain(stream, peer).await,
+                // Boxed: the TLS states (handshake, rustls connection) are large, and the task
+                // of every plain connection would otherwise be as large as theirs.
                 Some(config) => {
-                    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => connection.serve(TokioIo::new(stream), peer, true).await,
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
+                    Box::pin(async move {
+                        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
+                        {
+                            Ok(Ok(stream)) => {
+                                let proto = match stream.get_ref().1.alpn_protocol() {
+                                    Some(b"h2") => Proto::Http2,
+                                    Some(b"http/1.1") => Proto::Http1,
+                                    _ => Proto::Unsure,
+                                };
+                                let activity = Arc::new(ConnActivity::new());
+                                let io = TokioIo::new(stream);
+                                connection.serve(io, peer, true, proto, activity).await
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed")
+                            }
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        }
+                    })
+                    .await
                 }
             }
         });
@@ -375,9 +385,77 @@ async fn serve(
     }
 }
 
+/// The HTTP/2 connection preface (RFC 9113 section 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The protocol of a connection, from ALPN or its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    Http1,
+    Http2,
+    /// Not known yet: hyper-util's auto builder reads the first bytes and decides.
+    Unsure,
+}
+
+/// Peeks (does not read) the first bytes of a plain connection. HTTP/1 is served by hyper's own
+/// HTTP/1 connection with nothing in front of it: the auto builder's read-ahead of the version
+/// bytes makes hyper grow the connection's read buffer from 8 KiB to 16 KiB on the first
+/// request, and that buffer is kept for the connection's life.
+async fn sniff(stream: tokio::net::TcpStream) -> std::io::Result<(tokio::net::TcpStream, Proto)> {
+    let mut buf = [0u8; 24];
+    let n = stream.peek(&mut buf).await?;
+    let proto = if n == 0 || buf[..n] != H2_PREFACE[..n] {
+        // EOF (hyper sees it and ends quietly) or anything but the preface.
+        Proto::Http1
+    } else if n == H2_PREFACE.len() {
+        Proto::Http2
+    } else {
+        // A split preface: peeking again would return at once with the same bytes.
+        Proto::Unsure
+    };
+    Ok((stream, proto))
+}
+
+/// The connection builders, configured alike.
+struct Builders {
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    auto: auto::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(settings: &ListenerSettings) -> Builders {
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(settings.header_read_timeout)
+            .keep_alive(true)
+            .max_buf_size(64 * 1024)
+            // A hard limit: `max_buf_size` alone is a soft one (one read may fill the buffer's
+            // whole capacity, which grows past it), so a 100 KiB head could pass.
+            .max_header_size(64 * 1024);
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_header_list_size(64 * 1024)
+            .max_concurrent_streams(256);
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(settings.header_read_timeout)
+            .keep_alive(true)
+            .max_buf_size(64 * 1024);
+        auto.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(64 * 1024)
+            .max_concurrent_streams(256);
+        Builders { http1, http2, auto }
+    }
+}
+
 /// What a connection task needs.
 struct Connection {
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builders: Arc<Builders>,
     runtime: Arc<ArcSwap<Runtime>>,
     stats: Arc<PipelineStats>,
     shutdown: watch::Receiver<bool>,
@@ -386,13 +464,41 @@ struct Connection {
 }
 
 impl Connection {
+    /// A plain connection: waits (within the first-request timeout) for its first bytes, then
+    /// serves it.
+    async fn serve_plain(mut self, stream: tokio::net::TcpStream, peer: std::net::SocketAddr) {
+        let activity = Arc::new(ConnActivity::new());
+        let first = activity.opened + self.header_read_timeout.min(self.idle_timeout);
+        let (stream, proto) = tokio::select! {
+            sniffed = sniff(stream) => match sniffed {
+                Ok(sniffed) => sniffed,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "client connection failed");
+                    return;
+                }
+            },
+            _ = tokio::time::sleep_until(first.into()) => {
+                tracing::debug!(%peer, "client sent no request in time; closing");
+                return;
+            }
+            _ = self.shutdown.wait_for(|stop| *stop) => return,
+        };
+        self.serve(TokioIo::new(stream), peer, false, proto, activity)
+            .await
+    }
+
     /// Serves one client connection (plain or TLS) until it closes, going idle or the drain
     /// closing it gracefully.
-    async fn serve<I>(mut self, io: TokioIo<I>, peer: std::net::SocketAddr, tls: bool)
-    where
+    async fn serve<I>(
+        self,
+        io: TokioIo<I>,
+        peer: std::net::SocketAddr,
+        tls: bool,
+        proto: Proto,
+        activity: Arc<ConnActivity>,
+    ) where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let activity = Arc::new(ConnActivity::new());
         let info = ConnInfo {
             peer,
             tls,
@@ -400,61 +506,123 @@ impl Connection {
         };
         let runtime = self.runtime;
         let stats = self.stats;
+        // The request future is boxed: hyper's HTTP/1 dispatcher keeps a slot the size of the
+        // service future for the connection's life, and ours is several KiB.
         let service = service_fn(move |req| {
             let runtime = runtime.load_full();
             let stats = Arc::clone(&stats);
             let info = info.clone();
-            async move { Ok::<_, Infallible>(process_request(runtime, stats, req, info).await) }
+            let fut: std::pin::Pin<
+                Box<dyn std::future::Future<Output = Result<_, Infallible>> + Send>,
+            > = Box::pin(async move {
+                Ok::<_, Infallible>(process_request(runtime, stats, req, info).await)
+            });
+            fut
         });
-        let connection = self.builder.serve_connection(io, service).into_owned();
-        tokio::pin!(connection);
-        let mut closing = false;
-        // After an idle close is requested, the peer gets this long to finish the goodbye
-        // (HTTP/2 waits for the PING ack after GOAWAY); an unresponsive one is dropped.
-        let mut hard_stop: Option<Instant> = None;
-        loop {
-            let deadline = activity.idle_deadline(self.idle_timeout, self.header_read_timeout);
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::debug!(%peer, error = %e, "client connection ended with an error");
-                    }
-                    return;
-                }
-                _ = self.shutdown.wait_for(|stop| *stop), if !closing => {
-                    closing = true;
-                    connection.as_mut().graceful_shutdown();
-                }
-                _ = sleep_until_or_forever(deadline), if !closing => {
-                    // Re-check: a request may have started since the deadline was computed.
-                    let expired = activity
-                        .idle_deadline(self.idle_timeout, self.header_read_timeout)
-                        .is_some_and(|d| d <= Instant::now());
-                    if expired && !activity.has_started() {
-                        // Nothing to finish gracefully: a client that never sent a request.
-                        tracing::debug!(%peer, "client sent no request in time; closing");
-                        return;
-                    }
-                    if expired {
-                        tracing::debug!(%peer, "closing idle client connection");
-                        closing = true;
-                        hard_stop = Some(Instant::now() + IDLE_CLOSE_WAIT);
-                        connection.as_mut().graceful_shutdown();
-                    }
-                }
-                _ = sleep_until_or_forever(hard_stop), if hard_stop.is_some() => {
-                    if hard_stop.is_some_and(|t| t <= Instant::now()) {
-                        tracing::debug!(%peer, "idle client did not close; dropping the connection");
-                        return;
-                    }
-                }
+        let watch = Watch {
+            activity,
+            shutdown: self.shutdown,
+            idle_timeout: self.idle_timeout,
+            header_read_timeout: self.header_read_timeout,
+            peer,
+        };
+        let builders = &*self.builders;
+        // Each connection is pinned here and driven by reference: a connection moved into
+        // `drive` by value would be stored twice in the task (argument and pinned local).
+        match proto {
+            Proto::Http1 => {
+                let connection = std::pin::pin!(builders.http1.serve_connection(io, service));
+                watch.drive(connection).await
+            }
+            // Boxed, so the task of every HTTP/1 connection is not as large as these.
+            Proto::Http2 => {
+                let mut connection = Box::pin(builders.http2.serve_connection(io, service));
+                watch.drive(connection.as_mut()).await
+            }
+            Proto::Unsure => {
+                let mut connection = Box::pin(builders.auto.serve_connection(io, service));
+                watch.drive(connection.as_mut()).await
             }
         }
     }
 }
 
-/// Sleeps until `deadline`, or, while a request runs (`None`), re-checks every second.
-async fn sleep_until_or_forever(deadline: Option<Instant>) {
-    let until = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
-    tokio::time::sleep_until(until.into()).await;
+/// What watches a connection: its activity, the drain signal, and its idle deadline.
+struct Watch {
+    activity: Arc<ConnActivity>,
+    shutdown: watch::Receiver<bool>,
+    idle_timeout: Duration,
+    header_read_timeout: Duration,
+    peer: std::net::SocketAddr,
+}
+
+impl Watch {
+    /// Drives `connection` until it ends, asking it to close gracefully on the drain or when
+    /// idle. Not an `async fn`: with one, rustc cannot prove the spawned task `Send` (a
+    /// higher-ranked lifetime error on the generic connection).
+    #[allow(clippy::manual_async_fn)]
+    fn drive<C>(
+        mut self,
+        mut connection: std::pin::Pin<&mut C>,
+    ) -> impl std::future::Future<Output = ()> + Send + '_
+    where
+        C: hyper_util::server::graceful::GracefulConnection + Send,
+        C::Error: std::fmt::Display,
+    {
+        async move {
+            let (activity, peer) = (Arc::clone(&self.activity), self.peer);
+            let mut closing = false;
+            // After an idle close is requested, the peer gets this long to finish the goodbye
+            // (HTTP/2 waits for the PING ack after GOAWAY); an unresponsive one is dropped.
+            let mut hard_stop: Option<Instant> = None;
+            // One timer, reset each round: the idle deadline, or the hard stop once closing.
+            let mut timer = std::pin::pin!(tokio::time::sleep_until(Instant::now().into()));
+            loop {
+                let wake = match hard_stop {
+                    Some(t) => t,
+                    // While a request runs (no deadline), re-check every second.
+                    None => activity
+                        .idle_deadline(self.idle_timeout, self.header_read_timeout)
+                        .unwrap_or_else(|| Instant::now() + Duration::from_secs(1)),
+                };
+                timer.as_mut().reset(wake.into());
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                        }
+                        return;
+                    }
+                    _ = self.shutdown.wait_for(|stop| *stop), if !closing => {
+                        closing = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                    _ = timer.as_mut(), if !closing || hard_stop.is_some() => {
+                        if let Some(t) = hard_stop {
+                            if t <= Instant::now() {
+                                tracing::debug!(%peer, "idle client did not close; dropping the connection");
+                                return;
+                            }
+                            continue;
+                        }
+                        // Re-check: a request may have started since the deadline was computed.
+                        let expired = activity
+                            .idle_deadline(self.idle_timeout, self.header_read_timeout)
+                            .is_some_and(|d| d <= Instant::now());
+                        if expired && !activity.has_started() {
+                            // Nothing to finish gracefully: a client that never sent a request.
+                            tracing::debug!(%peer, "client sent no request in time; closing");
+                            return;
+                        }
+                        if expired {
+                            tracing::debug!(%peer, "closing idle client connection");
+                            closing = true;
+                            hard_stop = Some(Instant::now() + IDLE_CLOSE_WAIT);
+                            connection.as_mut().graceful_shutdown();
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
