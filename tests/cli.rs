@@ -1,8 +1,11 @@
 //! The command line: `check` reports every problem at once, `hash-key`, and exit codes.
 
+use std::ffi::OsStr;
 use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use sitecore_auth_proxy::emulator::{Api, Emulator, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET};
 
 fn bin() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sitecore-auth-proxy"));
@@ -11,12 +14,42 @@ fn bin() -> Command {
     cmd
 }
 
+/// Runs the binary with `args` and waits for it to exit.
+fn run<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    bin().args(args).output().expect("run")
+}
+
+/// [`run`] on a blocking thread, so the in-process emulator and proxy keep serving meanwhile.
+async fn run_bin(args: &[&str]) -> Output {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || run(&args))
+        .await
+        .expect("join")
+}
+
 fn temp_config(name: &str, text: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("scap-cli-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join("proxy.toml");
     std::fs::write(&path, text).expect("write");
     path
+}
+
+/// The path as a command-line argument.
+fn path_arg(path: &Path) -> &str {
+    path.to_str().expect("a UTF-8 temp path")
+}
+
+/// A proxy.toml: `head` (the tables before the credential), then the `automation` credential
+/// against `emulator` and one `/deploy` route.
+fn emulator_config(emulator: &Emulator, head: &str) -> String {
+    format!(
+        "{head}\n[credentials.automation]\nclient_id = \"{DEFAULT_CLIENT_ID}\"\n\
+         client_secret = \"{DEFAULT_CLIENT_SECRET}\"\ntoken_url = \"{}\"\n\n\
+         [[routes]]\nprefix = \"/deploy\"\nupstream = \"{}\"\ncredential = \"automation\"\n",
+        emulator.token_url(),
+        emulator.api_base(Api::Deploy)
+    )
 }
 
 #[test]
@@ -45,12 +78,7 @@ upstream = "https://example.com"
 credential = "missing"
 "#,
     );
-    let output = bin()
-        .arg("check")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .expect("run");
+    let output = run(&["check", "--config", path_arg(&path)]);
     assert_eq!(output.status.code(), Some(64), "bad config exits 64");
     let stderr = String::from_utf8_lossy(&output.stderr);
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -105,12 +133,7 @@ credential = "edge"
 timeout = "300s"
 "#,
     );
-    let output = bin()
-        .arg("check")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .expect("run");
+    let output = run(&["check", "--config", path_arg(&path)]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -142,10 +165,7 @@ fn config_path_comes_from_the_environment_too() {
 
 #[test]
 fn missing_config_file_is_a_clear_error() {
-    let output = bin()
-        .args(["check", "--config", "/nonexistent/proxy.toml"])
-        .output()
-        .expect("run");
+    let output = run(&["check", "--config", "/nonexistent/proxy.toml"]);
     assert_eq!(output.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/proxy.toml"));
 }
@@ -203,24 +223,10 @@ fn the_repository_example_config_is_valid() {
 
 #[tokio::test]
 async fn check_fetch_obtains_and_verifies_a_token_without_printing_it() {
-    use sitecore_auth_proxy::emulator::{Api, Emulator, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET};
     let emulator = Emulator::builder().start().await.expect("emulator");
-    let text = format!(
-        "[credentials.automation]\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret = \"{DEFAULT_CLIENT_SECRET}\"\n\
-         token_url = \"{}\"\n\n[[routes]]\nprefix = \"/deploy\"\nupstream = \"{}\"\ncredential = \"automation\"\n",
-        emulator.token_url(),
-        emulator.api_base(Api::Deploy)
-    );
+    let text = emulator_config(&emulator, "");
     let path = temp_config("fetch", &text);
-    let output = tokio::task::spawn_blocking(move || {
-        bin()
-            .args(["check", "--fetch", "--config"])
-            .arg(&path)
-            .output()
-            .expect("run")
-    })
-    .await
-    .expect("join");
+    let output = run_bin(&["check", "--fetch", "--config", path_arg(&path)]).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -244,15 +250,7 @@ async fn check_fetch_obtains_and_verifies_a_token_without_printing_it() {
         "fetch-bad",
         &text.replace(DEFAULT_CLIENT_SECRET, "wrong-secret"),
     );
-    let output = tokio::task::spawn_blocking(move || {
-        bin()
-            .args(["check", "--fetch", "--config"])
-            .arg(&path)
-            .output()
-            .expect("run")
-    })
-    .await
-    .expect("join");
+    let output = run_bin(&["check", "--fetch", "--config", path_arg(&path)]).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(!output.status.success());
     assert!(
@@ -263,47 +261,26 @@ async fn check_fetch_obtains_and_verifies_a_token_without_printing_it() {
 
 #[tokio::test]
 async fn healthcheck_exits_zero_only_when_healthz_answers() {
-    use sitecore_auth_proxy::emulator::{Api, Emulator, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET};
     let emulator = Emulator::builder().start().await.expect("emulator");
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[credentials.automation]\n\
-         client_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret = \"{DEFAULT_CLIENT_SECRET}\"\ntoken_url = \"{}\"\n\n\
-         [[routes]]\nprefix = \"/deploy\"\nupstream = \"{}\"\ncredential = \"automation\"\n",
-        emulator.token_url(),
-        emulator.api_base(Api::Deploy)
+    let text = emulator_config(
+        &emulator,
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
     );
-    let config =
-        sitecore_auth_proxy::config::Config::parse(&text, std::path::Path::new("h.toml"), &|_| {
-            None
-        })
+    let config = sitecore_auth_proxy::config::Config::parse(&text, Path::new("h.toml"), &|_| None)
         .expect("config");
     let proxy = sitecore_auth_proxy::app::start(config, Default::default())
         .await
         .expect("start");
     let admin = format!("http://{}", proxy.admin_addr().expect("admin"));
-    let status = tokio::task::spawn_blocking(move || {
-        bin()
-            .args(["healthcheck", "--admin", &admin])
-            .status()
-            .expect("run")
-    })
-    .await
-    .expect("join");
-    assert!(status.success(), "healthy admin: exit 0");
+    let output = run_bin(&["healthcheck", "--admin", &admin]).await;
+    assert!(output.status.success(), "healthy admin: exit 0");
 
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
         .expect("addr");
-    let status = tokio::task::spawn_blocking(move || {
-        bin()
-            .args(["healthcheck", "--admin", &format!("http://{closed}")])
-            .status()
-            .expect("run")
-    })
-    .await
-    .expect("join");
-    assert!(!status.success(), "nothing listening: non-zero");
+    let output = run_bin(&["healthcheck", "--admin", &format!("http://{closed}")]).await;
+    assert!(!output.status.success(), "nothing listening: non-zero");
 }
 
 /// The binary as users run it: worker threads from `SITECORE_PROXY_WORKERS`, one access-log
@@ -314,15 +291,8 @@ async fn run_logs_every_request_while_idle_and_on_sigterm() {
     use std::io::BufRead;
     use std::sync::{Arc, Mutex};
 
-    use sitecore_auth_proxy::emulator::{Api, Emulator, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET};
     let emulator = Emulator::builder().start().await.expect("emulator");
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n[credentials.automation]\n\
-         client_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret = \"{DEFAULT_CLIENT_SECRET}\"\ntoken_url = \"{}\"\n\n\
-         [[routes]]\nprefix = \"/deploy\"\nupstream = \"{}\"\ncredential = \"automation\"\n",
-        emulator.token_url(),
-        emulator.api_base(Api::Deploy)
-    );
+    let text = emulator_config(&emulator, "[server]\nlisten = \"127.0.0.1:0\"\n");
     let path = temp_config("run-log", &text);
     let mut child = bin()
         .args(["run", "--config"])

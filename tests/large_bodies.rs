@@ -15,8 +15,8 @@ use hyper::body::Frame;
 use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 use sitecore_auth_proxy::emulator::{pattern_bytes, Api, UpstreamFault};
+use support::raw::connect_and_write;
 use support::{eventually, json, Harness, Setup};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 const MIB: u64 = 1024 * 1024;
@@ -79,6 +79,22 @@ async fn streamed_upload(
     (status, value)
 }
 
+/// Streams `total` bytes to Deploy with [`streamed_upload`]; the upstream gets them all, once.
+async fn assert_streamed_upload_arrives(total: u64) {
+    let h = Harness::start().await;
+    let (status, echo) = streamed_upload(
+        &h,
+        "/deploy/api/deployments/v2/abc/source",
+        "application/zip",
+        total,
+    )
+    .await;
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(echo["body_bytes"], total);
+    assert_eq!(echo["body_sha256"], pattern_digest(total));
+    assert_eq!(h.emulator.upstream_requests(), 1);
+}
+
 fn inflight(h: &Harness) -> i64 {
     h.proxy.stats().inflight.load(Ordering::Relaxed)
 }
@@ -118,19 +134,7 @@ async fn a_64_mib_zip_upload_to_deploy_arrives_whole() {
 async fn a_64_mib_chunked_upload_streams_with_a_matching_digest() {
     // The default-run version of the 1 GiB test below: no Content-Length, so the proxy reads
     // ahead past the replay limit and streams the rest.
-    let h = Harness::start().await;
-    let total = 64 * MIB;
-    let (status, echo) = streamed_upload(
-        &h,
-        "/deploy/api/deployments/v2/abc/source",
-        "application/zip",
-        total,
-    )
-    .await;
-    assert_eq!(status, 200, "{echo}");
-    assert_eq!(echo["body_bytes"], total);
-    assert_eq!(echo["body_sha256"], pattern_digest(total));
-    assert_eq!(h.emulator.upstream_requests(), 1);
+    assert_streamed_upload_arrives(64 * MIB).await;
 }
 
 #[tokio::test]
@@ -178,19 +182,7 @@ async fn a_multipart_upload_to_stream_documents_arrives_whole_with_its_boundary(
 #[tokio::test]
 #[ignore = "1 GiB: run with --ignored"]
 async fn a_1_gib_streamed_upload_arrives_with_a_matching_digest() {
-    let h = Harness::start().await;
-    let total = 1024 * MIB;
-    let (status, echo) = streamed_upload(
-        &h,
-        "/deploy/api/deployments/v2/abc/source",
-        "application/zip",
-        total,
-    )
-    .await;
-    assert_eq!(status, 200, "{echo}");
-    assert_eq!(echo["body_bytes"], total);
-    assert_eq!(echo["body_sha256"], pattern_digest(total));
-    assert_eq!(h.emulator.upstream_requests(), 1);
+    assert_streamed_upload_arrives(1024 * MIB).await;
 }
 
 #[tokio::test]
@@ -206,12 +198,7 @@ async fn a_long_response_reaches_the_client_chunk_by_chunk() {
     };
     let h = Harness::with(setup).await;
 
-    let mut response = h
-        .http
-        .get(h.url("/raw/export"))
-        .send()
-        .await
-        .expect("response headers");
+    let mut response = h.get("/raw/export").await;
     assert_eq!(response.status(), 200);
 
     // The upstream sends the last chunk only after `release`: whatever arrives now was streamed.
@@ -272,13 +259,8 @@ async fn a_client_that_disconnects_mid_upload_leaves_nothing_in_flight() {
     };
 
     for (n, (raw, sent)) in [with_length, chunked].into_iter().enumerate() {
-        let mut client = TcpStream::connect(h.proxy.local_addr())
-            .await
-            .expect("connect");
-        client
-            .write_all(&raw)
-            .await
-            .expect("head and part of the body");
+        // The head and part of the body.
+        let client = connect_and_write(h.proxy.local_addr(), &raw).await;
         // The upload is under way: the upstream has the request and the proxy counts it.
         assert!(
             eventually(NOT_A_HANG, || h.emulator.upstream_requests()
@@ -312,12 +294,7 @@ async fn a_client_that_disconnects_mid_upload_leaves_nothing_in_flight() {
         );
     }
 
-    let response = h
-        .http
-        .get(h.url("/deploy/api/projects/v1"))
-        .send()
-        .await
-        .expect("response");
+    let response = h.get("/deploy/api/projects/v1").await;
     assert_eq!(response.status(), 200, "the proxy keeps serving");
     assert!(eventually(NOT_A_HANG, || inflight(&h) == 0).await);
 }
@@ -351,12 +328,7 @@ async fn a_client_that_disconnects_mid_download_leaves_nothing_in_flight() {
         inflight(&h)
     );
 
-    let response = h
-        .http
-        .get(h.url("/deploy/api/projects/v1"))
-        .send()
-        .await
-        .expect("response");
+    let response = h.get("/deploy/api/projects/v1").await;
     assert_eq!(response.status(), 200, "the proxy keeps serving");
 }
 
@@ -369,10 +341,7 @@ async fn a_client_that_gives_up_while_the_upstream_is_slow_leaves_nothing_in_fli
     // HTTP/1.1: the client closes its connection while the upstream holds the response headers.
     h.emulator
         .push_upstream_faults([UpstreamFault::Delay(Duration::from_secs(3))]);
-    let mut client = TcpStream::connect(h.proxy.local_addr())
-        .await
-        .expect("connect");
-    client.write_all(request).await.expect("request");
+    let client = connect_and_write(h.proxy.local_addr(), request).await;
     assert!(eventually(NOT_A_HANG, || h.emulator.upstream_requests() == 1).await);
     assert_eq!(inflight(&h), 1);
     drop(client);

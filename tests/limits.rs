@@ -9,17 +9,20 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use sitecore_auth_proxy::emulator::{Api, Emulator, UpstreamFault};
-use support::raw::{exchange, status_of};
+use support::raw::{connect_and_write, exchange, read_until_closed, status_of};
 use support::{json, Harness, Setup};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// How long a client may wait for the proxy to act before the test calls it a hang.
 const NOT_A_HANG: Duration = Duration::from_secs(10);
 
-/// Starts a harness with the standard routes plus the TOML `extra` returns for the started
-/// emulator (extra routes need its addresses).
-async fn harness_with(setup: Setup, extra: impl FnOnce(&Emulator) -> String) -> Harness {
+/// Starts a harness with `server_extra` in `[server]`, the standard routes, and the TOML `extra`
+/// returns for the started emulator (extra routes need its addresses).
+async fn harness_with(server_extra: &str, extra: impl FnOnce(&Emulator) -> String) -> Harness {
+    let setup = Setup {
+        server_extra: server_extra.to_owned(),
+        ..Setup::default()
+    };
     let emulator = setup
         .emulator
         .clone()
@@ -29,6 +32,18 @@ async fn harness_with(setup: Setup, extra: impl FnOnce(&Emulator) -> String) -> 
     let mut text = support::config_text(&setup, &emulator);
     text.push_str(&extra(&emulator));
     Harness::from_text(emulator, &text, setup.tuning).await
+}
+
+/// [`harness_with`] and the standard routes only.
+async fn start(server_extra: &str) -> Harness {
+    harness_with(server_extra, |_| String::new()).await
+}
+
+/// `GET path` while the upstream holds its next answer for 3 s.
+async fn get_with_slow_upstream(h: &Harness, path: &str) -> reqwest::Response {
+    h.emulator
+        .push_upstream_faults([UpstreamFault::Delay(Duration::from_secs(3))]);
+    h.get(path).await
 }
 
 /// A `[[routes]]` table using the harness credential; `extra` holds more keys (`timeout = ...`).
@@ -76,26 +91,9 @@ fn upstream_errors(h: &Harness, route: &str, kind: &str) -> f64 {
     .unwrap_or_else(|| panic!("no upstream error series for {route} {kind}:\n{text}"))
 }
 
-/// Reads until the peer closes (EOF or reset); everything it sent before.
-async fn read_until_closed(stream: &mut TcpStream) -> String {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[tokio::test]
 async fn a_route_timeout_shorter_than_a_slow_upstream_answers_504_upstream_timeout() {
-    let setup = Setup {
-        server_extra: "request_timeout = \"30s\"".to_owned(),
-        ..Setup::default()
-    };
-    let h = harness_with(setup, |e| {
+    let h = harness_with("request_timeout = \"30s\"", |e| {
         route(
             "/deploy-short",
             &e.api_base(Api::Deploy),
@@ -104,14 +102,7 @@ async fn a_route_timeout_shorter_than_a_slow_upstream_answers_504_upstream_timeo
     })
     .await;
 
-    h.emulator
-        .push_upstream_faults([UpstreamFault::Delay(Duration::from_secs(3))]);
-    let response = h
-        .http
-        .get(h.url("/deploy-short/api/projects/v1"))
-        .send()
-        .await
-        .expect("response");
+    let response = get_with_slow_upstream(&h, "/deploy-short/api/projects/v1").await;
     assert_proxy_error(response, 504, "upstream_timeout").await;
     assert_eq!(
         h.emulator.upstream_requests(),
@@ -120,14 +111,7 @@ async fn a_route_timeout_shorter_than_a_slow_upstream_answers_504_upstream_timeo
     );
 
     // The same slow upstream behind a route without the override: the server's 30 s apply.
-    h.emulator
-        .push_upstream_faults([UpstreamFault::Delay(Duration::from_secs(3))]);
-    let response = h
-        .http
-        .get(h.url("/deploy/api/projects/v1"))
-        .send()
-        .await
-        .expect("response");
+    let response = get_with_slow_upstream(&h, "/deploy/api/projects/v1").await;
     assert_eq!(response.status(), 200);
     assert_eq!(json(response).await["path"], "/api/projects/v1");
     assert_eq!(h.emulator.upstream_requests(), 2);
@@ -138,11 +122,7 @@ async fn a_route_timeout_shorter_than_a_slow_upstream_answers_504_upstream_timeo
 
 #[tokio::test]
 async fn server_request_timeout_applies_to_routes_without_an_override() {
-    let setup = Setup {
-        server_extra: "request_timeout = \"1s\"".to_owned(),
-        ..Setup::default()
-    };
-    let h = harness_with(setup, |e| {
+    let h = harness_with("request_timeout = \"1s\"", |e| {
         route(
             "/deploy-patient",
             &e.api_base(Api::Deploy),
@@ -151,25 +131,11 @@ async fn server_request_timeout_applies_to_routes_without_an_override() {
     })
     .await;
 
-    h.emulator
-        .push_upstream_faults([UpstreamFault::Delay(Duration::from_secs(3))]);
-    let response = h
-        .http
-        .get(h.url("/deploy/api/projects/v1"))
-        .send()
-        .await
-        .expect("response");
+    let response = get_with_slow_upstream(&h, "/deploy/api/projects/v1").await;
     assert_proxy_error(response, 504, "upstream_timeout").await;
 
     // A route may also allow more than the server default.
-    h.emulator
-        .push_upstream_faults([UpstreamFault::Delay(Duration::from_secs(3))]);
-    let response = h
-        .http
-        .get(h.url("/deploy-patient/api/projects/v1"))
-        .send()
-        .await
-        .expect("response");
+    let response = get_with_slow_upstream(&h, "/deploy-patient/api/projects/v1").await;
     assert_eq!(response.status(), 200);
     assert_eq!(json(response).await["path"], "/api/projects/v1");
 
@@ -185,28 +151,15 @@ async fn refused_and_reset_upstreams_answer_502_and_other_routes_keep_working() 
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         listener.local_addr().expect("addr")
     };
-    let h = harness_with(Setup::default(), |_| {
-        route("/gone", &format!("http://{closed}"), "")
-    })
-    .await;
+    let h = harness_with("", |_| route("/gone", &format!("http://{closed}"), "")).await;
 
-    let response = h
-        .http
-        .get(h.url("/gone/api/projects/v1"))
-        .send()
-        .await
-        .expect("response");
+    let response = h.get("/gone/api/projects/v1").await;
     assert_proxy_error(response, 502, "upstream_unreachable").await;
     assert_eq!(h.emulator.upstream_requests(), 0);
 
     // An upstream that drops the connection without answering.
     h.emulator.push_upstream_faults([UpstreamFault::Reset]);
-    let response = h
-        .http
-        .get(h.url("/deploy/api/projects/v1"))
-        .send()
-        .await
-        .expect("response");
+    let response = h.get("/deploy/api/projects/v1").await;
     assert_proxy_error(response, 502, "upstream_unreachable").await;
     assert_eq!(
         h.emulator.upstream_requests(),
@@ -220,7 +173,7 @@ async fn refused_and_reset_upstreams_answer_502_and_other_routes_keep_working() 
         "/authoring",
         "/edge-admin/content",
     ] {
-        let response = h.http.get(h.url(path)).send().await.expect("response");
+        let response = h.get(path).await;
         assert_eq!(response.status(), 200, "{path}");
     }
     assert_eq!(h.emulator.upstream_requests(), 4);
@@ -232,27 +185,15 @@ async fn refused_and_reset_upstreams_answer_502_and_other_routes_keep_working() 
 
 #[tokio::test]
 async fn a_slowloris_client_is_cut_off_while_a_normal_client_is_served() {
-    let setup = Setup {
-        server_extra: "header_read_timeout = \"1s\"".to_owned(),
-        ..Setup::default()
-    };
-    let h = Harness::with(setup).await;
+    let h = start("header_read_timeout = \"1s\"").await;
 
-    let mut slow = TcpStream::connect(h.proxy.local_addr())
-        .await
-        .expect("connect");
-    slow.write_all(
+    let mut slow = connect_and_write(
+        h.proxy.local_addr(),
         b"GET /deploy/api/projects/v1?from=slowloris HTTP/1.1\r\nHost: proxy.test\r\nX-Slow: ",
     )
-    .await
-    .expect("partial head");
+    .await;
 
-    let response = h
-        .http
-        .get(h.url("/deploy/api/projects/v1"))
-        .send()
-        .await
-        .expect("response");
+    let response = h.get("/deploy/api/projects/v1").await;
     assert_eq!(
         response.status(),
         200,
@@ -280,18 +221,11 @@ async fn a_slowloris_client_is_cut_off_while_a_normal_client_is_served() {
 
 #[tokio::test]
 async fn clients_that_stall_before_their_first_line_are_cut_off_too() {
-    let setup = Setup {
-        server_extra: "header_read_timeout = \"1s\"".to_owned(),
-        ..Setup::default()
-    };
-    let h = Harness::with(setup).await;
+    let h = start("header_read_timeout = \"1s\"").await;
 
     // Nothing at all, and a stalled HTTP/2 preface: both hold a connection slot until cut off.
     for sent in [&b""[..], &b"PRI * HTTP/2.0\r\n"[..]] {
-        let mut stalled = TcpStream::connect(h.proxy.local_addr())
-            .await
-            .expect("connect");
-        stalled.write_all(sent).await.expect("write");
+        let mut stalled = connect_and_write(h.proxy.local_addr(), sent).await;
         let answer = tokio::time::timeout(NOT_A_HANG, read_until_closed(&mut stalled))
             .await
             .unwrap_or_else(|_| {
@@ -307,11 +241,7 @@ async fn clients_that_stall_before_their_first_line_are_cut_off_too() {
 
 #[tokio::test]
 async fn beyond_max_connections_a_client_gets_503_overloaded_and_the_proxy_recovers() {
-    let setup = Setup {
-        server_extra: "max_connections = 2".to_owned(),
-        ..Setup::default()
-    };
-    let h = Harness::with(setup).await;
+    let h = start("max_connections = 2").await;
     let addr = h.proxy.local_addr();
 
     // Three connections that send nothing: two hold both slots, the third is refused. Which one
@@ -398,31 +328,18 @@ async fn connect_timeout_bounds_a_connect_that_hangs() {
         .expect("a loopback listener with a full accept queue makes connects hang");
     // request_timeout is longer than connect_timeout: if only it applied, the answer would be
     // 504 upstream_timeout, not a connection failure.
-    let setup = Setup {
-        server_extra: "connect_timeout = \"1s\"\nrequest_timeout = \"20s\"".to_owned(),
-        ..Setup::default()
-    };
-    let h = harness_with(setup, |_| {
-        route("/blackhole", &format!("http://{addr}"), "")
-    })
+    let h = harness_with(
+        "connect_timeout = \"1s\"\nrequest_timeout = \"20s\"",
+        |_| route("/blackhole", &format!("http://{addr}"), ""),
+    )
     .await;
 
-    let response = h
-        .http
-        .get(h.url("/blackhole/api/projects/v1"))
-        .send()
-        .await
-        .expect("response");
+    let response = h.get("/blackhole/api/projects/v1").await;
     assert_proxy_error(response, 502, "upstream_unreachable").await;
     assert_eq!(upstream_errors(&h, "/blackhole", "unreachable"), 1.0);
     assert_eq!(upstream_errors(&h, "/blackhole", "timeout"), 0.0);
 
     // The other routes are unaffected.
-    let response = h
-        .http
-        .get(h.url("/deploy/api/projects/v1"))
-        .send()
-        .await
-        .expect("response");
+    let response = h.get("/deploy/api/projects/v1").await;
     assert_eq!(response.status(), 200);
 }

@@ -9,9 +9,28 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// Writes `request` as is and reads the answer until the peer closes or goes quiet.
 pub async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    stream.write_all(request).await.expect("write");
+    let mut stream = connect_and_write(addr, request).await;
     read_until_quiet(&mut stream, Duration::from_millis(1500)).await
+}
+
+/// Connects to `addr`, writes `bytes` and returns the open connection.
+pub async fn connect_and_write(addr: SocketAddr, bytes: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    stream
+}
+
+/// Reads until the peer closes (EOF or reset); everything it sent before.
+pub async fn read_until_closed(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Reads until EOF or `quiet` passes with no data.
