@@ -24,6 +24,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::client::Lease;
+
 /// Why a streamed body failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -81,6 +83,8 @@ pub struct PeerBody {
     /// Whether the timer runs: the last poll found no bytes, and none came since.
     waiting: bool,
     watch: Option<Arc<UploadWatch>>,
+    /// The upstream connection of a response body, returned to its pool at the body's end.
+    lease: Option<Lease>,
 }
 
 impl PeerBody {
@@ -92,6 +96,23 @@ impl PeerBody {
             timer: None,
             waiting: false,
             watch: None,
+            lease: None,
+        }
+    }
+
+    /// This response body, giving `lease`'s connection back to its pool once the body has been
+    /// read to its end (at once when there is no body). Dropped earlier, the body closes it.
+    pub fn releasing(mut self, lease: Option<Lease>) -> PeerBody {
+        self.lease = lease;
+        if self.body.is_end_stream() {
+            self.release();
+        }
+        self
+    }
+
+    fn release(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.release();
         }
     }
 
@@ -155,11 +176,15 @@ impl Body for PeerBody {
                 if frame.data_ref().is_none_or(|data| !data.is_empty()) {
                     this.moved();
                 }
+                if this.body.is_end_stream() {
+                    this.release();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(BodyError::Peer(error)))),
             Poll::Ready(None) => {
                 this.moved();
+                this.release();
                 Poll::Ready(None)
             }
             Poll::Pending => this.poll_idle(cx),

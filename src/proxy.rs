@@ -34,6 +34,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::body::{read_ahead, BodyError, PeerBody, ProxyBody, ReadAhead, UploadWatch};
+use crate::client::Lease;
 use crate::error::ProxyError;
 use crate::inbound::{ClientIdentity, Clients};
 use crate::metrics::{Metrics, RequestLabels, RouteLabels, UpstreamErrorLabels};
@@ -261,8 +262,8 @@ async fn proxy(
     let first = build_request(&method, &uri, headers.clone(), first_body);
 
     // 6. forward
-    let response = match forward(rt, &route, first, upload.as_deref()).await {
-        Ok(response) => response,
+    let (response, lease) = match forward(rt, &route, first, upload.as_deref()).await {
+        Ok(answer) => answer,
         Err(_) if upload.as_deref().is_some_and(UploadWatch::stalled) => {
             return Err(ProxyError::RequestBodyStalled(route.timeout))
         }
@@ -271,28 +272,28 @@ async fn proxy(
     outcome.upstream_status = Some(response.status().as_u16());
 
     // 7. upstream_401
-    let response = match (response.status(), credential, token, replay) {
+    let (response, lease) = match (response.status(), credential, token, replay) {
         (StatusCode::UNAUTHORIZED, Credential::OAuth(c), Some(used), Some(bytes)) => {
             match fresh_token(c, &used).await {
                 Some(fresh) => {
-                    drop(response);
+                    drop((response, lease));
                     stats.replays.fetch_add(1, Ordering::Relaxed);
                     headers.insert(header::AUTHORIZATION, fresh.authorization.clone());
                     let again = build_request(&method, &uri, headers, ProxyBody::full(bytes));
-                    let response = forward(rt, &route, again, None).await?;
-                    outcome.upstream_status = Some(response.status().as_u16());
-                    response
+                    let answer = forward(rt, &route, again, None).await?;
+                    outcome.upstream_status = Some(answer.0.status().as_u16());
+                    answer
                 }
-                None => response,
+                None => (response, lease),
             }
         }
         (StatusCode::UNAUTHORIZED, Credential::OAuth(c), Some(used), None) => {
             // Not replayable, but the token may still be bad: let the next request get a
             // fresh one (within the forced-refresh limit).
             c.invalidate(&used);
-            response
+            (response, lease)
         }
-        _ => response,
+        _ => (response, lease),
     };
 
     // 8. response_filter
@@ -307,7 +308,7 @@ async fn proxy(
     }
     Ok(Response::from_parts(
         parts,
-        ProxyBody::Streamed(PeerBody::new(body, route.timeout)),
+        ProxyBody::Streamed(PeerBody::new(body, route.timeout).releasing(lease)),
     ))
 }
 
@@ -409,7 +410,8 @@ fn build_request(
     request
 }
 
-/// Sends `request` and waits up to the route's timeout for the response head. While a streamed
+/// Sends `request` and waits up to the route's timeout for the response head, which comes with
+/// the lease of its pooled connection (see [`PeerBody::releasing`]). While a streamed
 /// request body is still moving, the wait runs from its last bytes (the upstream answers once it
 /// has the whole body); while it waits on the client, the body's own idle timer decides.
 async fn forward(
@@ -417,8 +419,8 @@ async fn forward(
     route: &Route,
     request: Request<ProxyBody>,
     upload: Option<&UploadWatch>,
-) -> Result<Response<Incoming>, ProxyError> {
-    let mut sent = rt.client().request(request);
+) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
+    let mut sent = std::pin::pin!(rt.client().request(request));
     let mut deadline = tokio::time::Instant::now() + route.timeout;
     loop {
         match tokio::time::timeout_at(deadline, &mut sent).await {

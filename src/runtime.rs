@@ -6,13 +6,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::client::UpstreamClient;
 use crate::config::Config;
 use crate::inbound::Clients;
 use crate::metrics::Metrics;
 use crate::routes::{Route, RouteTable};
 use crate::token::verify::Jwks;
 use crate::token::{Credential, OAuthCredential, Tuning};
-use crate::upstream::{self, UpstreamClient};
+use crate::upstream;
 
 /// What the pipeline reads per request.
 #[derive(Debug)]
@@ -59,9 +60,7 @@ impl Runtime {
         let tls = upstream::tls_client_config(&server.upstream_ca)
             .map_err(|e| BuildError(format!("upstream TLS roots: {e}")))?;
         let clients_by_worker = (0..pools.max(1))
-            .map(|_| {
-                upstream::build_client(tls.clone(), server.connect_timeout, server.idle_timeout)
-            })
+            .map(|_| UpstreamClient::new(tls.clone(), server.connect_timeout, server.idle_timeout))
             .collect();
         let http = token_http_client(tls, server.connect_timeout, tuning.token_request_timeout)?;
 

@@ -1,21 +1,12 @@
-//! The pooled upstream client and header hygiene in both directions.
+//! Upstream trust roots and header hygiene in both directions.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::CertificateDer;
 
-use crate::body::ProxyBody;
 use crate::routes::Route;
 use http::HeaderValue;
-
-/// The pooled HTTP/1.1 + HTTP/2 (by ALPN) client used for every upstream.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 
 /// A rustls client configuration trusting webpki roots plus `extra_roots`.
 pub fn tls_client_config(
@@ -31,31 +22,6 @@ pub fn tls_client_config(
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth())
-}
-
-/// Builds the pooled upstream client.
-pub fn build_client(
-    tls: rustls::ClientConfig,
-    connect_timeout: Duration,
-    pool_idle_timeout: Duration,
-) -> UpstreamClient {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(pool_idle_timeout)
-        .pool_max_idle_per_host(256)
-        .build(https)
 }
 
 /// The hop-by-hop headers of RFC 9110 section 7.6.1, plus the legacy ones proxies also drop.

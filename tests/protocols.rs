@@ -4,11 +4,14 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use sitecore_auth_proxy::emulator::{Api, Emulator};
 use support::tls::{self, TestCa};
 use support::{json, Harness, Setup};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn https_upstream_harness(ca: &TestCa, offer_h2: bool, trust: bool) -> Harness {
     let mut server = (*tls::server_config(&ca.server())).clone();
@@ -133,4 +136,162 @@ async fn upstream_connections_are_pooled() {
         (1..=pools).contains(&connections),
         "21 requests over {connections} upstream connections with {pools} worker pools"
     );
+}
+
+#[tokio::test]
+async fn a_cold_burst_to_an_http2_upstream_opens_one_connection_per_worker() {
+    let ca = TestCa::new("h2 burst CA");
+    let h = https_upstream_harness(&ca, true, true).await;
+    // 40 requests at once on 40 client connections, before the proxy has any upstream
+    // connection: each worker opens one HTTP/2 connection and the rest of its requests share it.
+    let http = client(false);
+    let mut burst = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let (http, url) = (http.clone(), h.url(&format!("/deploy/burst/{i}")));
+        burst.spawn(async move {
+            let response = http.get(url).send().await.expect("response");
+            assert_eq!(response.status(), 200);
+            json(response).await["version"].as_str().map(str::to_owned)
+        });
+    }
+    let mut versions = Vec::new();
+    while let Some(version) = burst.join_next().await {
+        versions.push(version.expect("request task"));
+    }
+    assert_eq!(versions.len(), 40);
+    assert!(versions.iter().all(|v| v.as_deref() == Some("HTTP/2.0")));
+    let pools = h.proxy.workers().pools() as u64;
+    let connections = h.emulator.upstream_connections(Api::Deploy);
+    assert!(
+        (1..=pools).contains(&connections),
+        "40 concurrent requests over {connections} HTTP/2 connections with {pools} worker pools"
+    );
+}
+
+#[tokio::test]
+async fn a_response_the_client_abandoned_never_leaks_into_the_next_one() {
+    let h = Harness::start().await;
+    let http = client(false);
+    // The client reads the head and a first chunk of a 4 MB body, then goes away: the upstream
+    // connection still holds unread bytes and must not carry another request.
+    let mut abandoned = http
+        .get(h.url("/deploy/big?emulator_bytes=4000000"))
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(abandoned.status(), 200);
+    assert!(abandoned.chunk().await.expect("first chunk").is_some());
+    drop(abandoned);
+    for i in 0..10 {
+        let response = http
+            .get(h.url("/deploy/small?emulator_bytes=100000"))
+            .send()
+            .await
+            .expect("response");
+        assert_eq!(response.status(), 200, "request {i}");
+        let body = response.bytes().await.expect("body");
+        assert_eq!(
+            body,
+            sitecore_auth_proxy::emulator::pattern_bytes(0, 100_000),
+            "request {i} got exactly its own body"
+        );
+    }
+}
+
+/// A plain HTTP/1.1 upstream answering `200 ok` to every request on a kept-alive connection,
+/// counting the connections it accepted and those its peer closed.
+struct CountingUpstream {
+    addr: std::net::SocketAddr,
+    accepted: Arc<AtomicU64>,
+    closed: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingUpstream {
+    async fn start() -> CountingUpstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicU64::new(0));
+        let closed = Arc::new(AtomicU64::new(0));
+        let (a, c) = (Arc::clone(&accepted), Arc::clone(&closed));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                a.fetch_add(1, Ordering::SeqCst);
+                let c = Arc::clone(&c);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                        // Requests without bodies: one answer per complete head.
+                        while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                            head.drain(..end + 4);
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if stream.write_all(answer).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    c.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        CountingUpstream {
+            addr,
+            accepted,
+            closed,
+            task,
+        }
+    }
+}
+
+impl Drop for CountingUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn idle_upstream_connections_are_closed_after_the_idle_timeout() {
+    let upstream = CountingUpstream::start().await;
+    let h = Harness::with(Setup {
+        server_extra: "idle_timeout = \"400ms\"\n".into(),
+        extra_toml: format!(
+            "\n[[routes]]\nprefix = \"/counted\"\nupstream = \"http://{}\"\ncredential = \"automation\"\n",
+            upstream.addr
+        ),
+        ..Setup::default()
+    })
+    .await;
+    let pools = h.proxy.workers().pools() as u64;
+    for round in 0..2 {
+        for i in 0..10 {
+            let response = h.get(&format!("/counted/{i}")).await;
+            assert_eq!(response.status(), 200, "round {round}, request {i}");
+            assert_eq!(response.text().await.expect("body"), "ok");
+        }
+        let accepted = upstream.accepted.load(Ordering::SeqCst);
+        assert!(
+            accepted <= pools * (round + 1),
+            "round {round}: 10 sequential requests opened {accepted} connections in all, {pools} pools"
+        );
+        // Nothing more to send: the pool closes what it kept once the idle timeout passes.
+        assert!(
+            support::eventually(Duration::from_secs(5), || {
+                upstream.closed.load(Ordering::SeqCst) == upstream.accepted.load(Ordering::SeqCst)
+            })
+            .await,
+            "round {round}: {} of {} upstream connections closed",
+            upstream.closed.load(Ordering::SeqCst),
+            upstream.accepted.load(Ordering::SeqCst)
+        );
+    }
 }

@@ -1,0 +1,513 @@
+//! The upstream client: one connection pool per worker thread, over hyper's connection-level
+//! client (`hyper::client::conn`).
+//!
+//! HTTP/1.1 connections are pooled per upstream (scheme and authority). A connection is handed
+//! out for one request and goes back to the pool with a [`Lease`] when the response body has
+//! been read to its end; a body dropped early takes its connection with it, because hyper
+//! cannot reuse a connection with unread bytes. HTTPS upstreams that pick `h2` by ALPN share one
+//! HTTP/2 connection per upstream instead; until an HTTPS upstream has said which it speaks, and
+//! while it speaks `h2`, connections to it are opened one at a time, so a cold burst opens one. A request that a reused connection closed on before it
+//! was sent is sent again, on another connection; a request that may have reached the upstream
+//! never is.
+//!
+//! Compared with hyper-util's general-purpose pool, this one does no work per request beyond a
+//! short uncontended lock: no connector service, no checkout/connect race, and no task spawned
+//! per request to wait for the connection to become idle.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+
+use crate::body::ProxyBody;
+
+/// Idle HTTP/1.1 connections kept per upstream and worker; older ones are closed beyond this.
+const MAX_IDLE_PER_UPSTREAM: usize = 256;
+
+/// TCP keep-alive on upstream connections, so a pooled connection to a vanished host is found
+/// dead by the kernel.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// Why a request could not be sent or answered. The messages name the stage and never carry
+/// request data.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The request's URI has no scheme or host (a bug in the caller; routes always have both).
+    #[error("the upstream URI has no scheme or host")]
+    NoAuthority,
+    /// DNS resolution failed.
+    #[error("could not resolve {host}")]
+    Resolve {
+        host: Box<str>,
+        #[source]
+        source: std::io::Error,
+    },
+    /// No address of the host accepted a TCP connection.
+    #[error("tcp connect error")]
+    Connect(#[source] std::io::Error),
+    /// DNS plus TCP took longer than `server.connect_timeout`.
+    #[error("connecting took longer than {0:?}")]
+    ConnectTimeout(Duration),
+    /// The TLS handshake failed (for example an untrusted certificate).
+    #[error("TLS handshake failed")]
+    Tls(#[source] std::io::Error),
+    /// The host name is not a valid TLS server name.
+    #[error("{0} is not a valid TLS server name")]
+    ServerName(Box<str>),
+    /// The HTTP handshake failed (HTTP/2 preface or settings).
+    #[error("HTTP handshake failed")]
+    Handshake(#[source] hyper::Error),
+    /// Sending the request or reading the response head failed.
+    #[error("upstream request failed")]
+    Send(#[source] hyper::Error),
+}
+
+/// The client of one worker thread. Cheap to share by reference; requests made through it are
+/// driven by the calling thread's runtime.
+#[derive(Debug)]
+pub struct UpstreamClient {
+    pool: Arc<Pool>,
+}
+
+#[derive(Debug)]
+struct Pool {
+    tls: Arc<rustls::ClientConfig>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    upstreams: Vec<Upstream>,
+    /// Whether a sweeper task is closing expired idle connections.
+    sweeping: bool,
+}
+
+/// The connections to one scheme and authority.
+struct Upstream {
+    https: bool,
+    authority: Authority,
+    /// Idle HTTP/1.1 connections, oldest first.
+    idle: VecDeque<Idle>,
+    /// The shared HTTP/2 connection, when the upstream negotiated `h2`.
+    h2: Option<http2::SendRequest<ProxyBody>>,
+    /// What the last TLS handshake negotiated.
+    alpn: Alpn,
+    /// Held while connecting to an HTTPS upstream that speaks `h2` or has not said yet, so a
+    /// burst of requests shares one HTTP/2 connection instead of opening one each.
+    h2_connect: Arc<tokio::sync::Mutex<()>>,
+    /// The last connection attempt failed: the next ones are not serialised, so requests waiting
+    /// on a dead upstream fail in parallel instead of one connect timeout after another.
+    failing: bool,
+}
+
+/// The protocol an HTTPS upstream picked by ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Alpn {
+    Unknown,
+    Http1,
+    Http2,
+}
+
+impl Upstream {
+    fn new(https: bool, authority: Authority) -> Upstream {
+        Upstream {
+            https,
+            authority,
+            idle: VecDeque::new(),
+            h2: None,
+            alpn: Alpn::Unknown,
+            h2_connect: Arc::new(tokio::sync::Mutex::new(())),
+            failing: false,
+        }
+    }
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("https", &self.https)
+            .field("authority", &self.authority)
+            .field("idle", &self.idle.len())
+            .field("h2", &self.h2.is_some())
+            .finish()
+    }
+}
+
+struct Idle {
+    sender: http1::SendRequest<ProxyBody>,
+    since: Instant,
+}
+
+/// A connection ready for one request.
+enum Sender {
+    Http1(http1::SendRequest<ProxyBody>),
+    Http2(http2::SendRequest<ProxyBody>),
+}
+
+/// What a pool lookup found.
+enum Checkout {
+    Ready(Sender),
+    /// Nothing usable: connect. `h2_connect` is set when connects to this upstream are serialised.
+    Connect {
+        h2_connect: Option<Arc<tokio::sync::Mutex<()>>>,
+    },
+}
+
+/// The HTTP/1.1 connection a response arrived on. [`Lease::release`] puts it back in its pool
+/// (the response body has been read to its end); dropping the lease closes it.
+#[must_use = "a dropped lease closes its connection"]
+pub struct Lease {
+    pool: Arc<Pool>,
+    upstream: usize,
+    sender: http1::SendRequest<ProxyBody>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("upstream", &self.upstream)
+            .finish()
+    }
+}
+
+impl Lease {
+    /// The response has been read to its end: the connection may carry the next request.
+    pub fn release(self) {
+        self.pool.check_in(self.upstream, self.sender);
+    }
+}
+
+impl UpstreamClient {
+    /// A client trusting `tls`'s roots, bounding DNS plus TCP by `connect_timeout` and closing
+    /// connections idle for `idle_timeout`.
+    pub fn new(
+        mut tls: rustls::ClientConfig,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> UpstreamClient {
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        UpstreamClient {
+            pool: Arc::new(Pool {
+                tls: Arc::new(tls),
+                connect_timeout,
+                idle_timeout,
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+
+    /// Sends `request` (absolute URI) and returns the response head, with the lease of its
+    /// HTTP/1.1 connection (`None` over HTTP/2).
+    pub async fn request(
+        &self,
+        mut request: Request<ProxyBody>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), UpstreamError> {
+        let uri = request.uri().clone();
+        let https = match uri.scheme() {
+            Some(scheme) if *scheme == Scheme::HTTPS => true,
+            Some(scheme) if *scheme == Scheme::HTTP => false,
+            _ => return Err(UpstreamError::NoAuthority),
+        };
+        let authority = uri.authority().ok_or(UpstreamError::NoAuthority)?;
+        let (upstream, mut checkout) = self.pool.find(https, authority);
+        loop {
+            let (sender, reused) = match checkout {
+                Checkout::Ready(sender) => (sender, true),
+                Checkout::Connect { h2_connect: None } => (self.connect(upstream).await?, false),
+                Checkout::Connect {
+                    h2_connect: Some(lock),
+                } => {
+                    let one_at_a_time = lock.lock().await;
+                    match self.pool.check_out(upstream) {
+                        Checkout::Ready(sender) => (sender, true),
+                        Checkout::Connect { h2_connect } => {
+                            if h2_connect.is_none() {
+                                // The first connection said HTTP/1.1, or failed: go parallel.
+                                drop(one_at_a_time);
+                            }
+                            (self.connect(upstream).await?, false)
+                        }
+                    }
+                }
+            };
+            let unsent = match sender {
+                Sender::Http1(mut sender) => {
+                    *request.uri_mut() = origin_form(&uri);
+                    match sender.try_send_request(request).await {
+                        Ok(response) => {
+                            let lease = Lease {
+                                pool: Arc::clone(&self.pool),
+                                upstream,
+                                sender,
+                            };
+                            return Ok((response, Some(lease)));
+                        }
+                        Err(mut e) => match e.take_message() {
+                            Some(unsent) if reused => unsent,
+                            _ => return Err(UpstreamError::Send(e.into_error())),
+                        },
+                    }
+                }
+                Sender::Http2(mut sender) => match sender.try_send_request(request).await {
+                    Ok(response) => return Ok((response, None)),
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) if reused => unsent,
+                        _ => return Err(UpstreamError::Send(e.into_error())),
+                    },
+                },
+            };
+            // A reused connection closed before the request went out: the upstream never saw
+            // it, so it is safe to send again on another connection.
+            tracing::debug!("pooled upstream connection closed before sending; retrying");
+            request = unsent;
+            *request.uri_mut() = uri.clone();
+            checkout = self.pool.check_out(upstream);
+        }
+    }
+
+    /// Opens a connection to `upstream` and notes whether that worked.
+    async fn connect(&self, upstream: usize) -> Result<Sender, UpstreamError> {
+        let result = self.open(upstream).await;
+        self.pool.lock().upstreams[upstream].failing = result.is_err();
+        result
+    }
+
+    /// DNS and TCP within the connect timeout, then TLS with ALPN for HTTPS, then the HTTP
+    /// handshake. The connection is driven by a task on the calling thread's runtime.
+    async fn open(&self, upstream: usize) -> Result<Sender, UpstreamError> {
+        let (https, authority) = self.pool.target(upstream);
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let timeout = self.pool.connect_timeout;
+        let tcp = tokio::time::timeout(timeout, tcp_connect(host, port))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout(timeout))??;
+        if !https {
+            return http1_handshake(TokioIo::new(tcp)).await;
+        }
+        let name = ServerName::try_from(host.to_owned())
+            .map_err(|_| UpstreamError::ServerName(host.into()))?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::clone(&self.pool.tls))
+            .connect(name, tcp)
+            .await
+            .map_err(UpstreamError::Tls)?;
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            self.pool.learned(upstream, Alpn::Http1);
+            return http1_handshake(TokioIo::new(tls)).await;
+        }
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+            }
+        });
+        self.pool.keep_h2(upstream, sender.clone());
+        Ok(Sender::Http2(sender))
+    }
+}
+
+async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, UpstreamError> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|source| UpstreamError::Resolve {
+            host: host.into(),
+            source,
+        })?
+        .collect();
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses");
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => {
+                // Both are best effort: a socket without them still works.
+                let _ = stream.set_nodelay(true);
+                let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+                let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+                return Ok(stream);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(UpstreamError::Connect(last))
+}
+
+async fn http1_handshake<T>(io: TokioIo<T>) -> Result<Sender, UpstreamError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, connection) = http1::handshake(io)
+        .await
+        .map_err(UpstreamError::Handshake)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
+        }
+    });
+    Ok(Sender::Http1(sender))
+}
+
+/// `path?query` of `uri`, as HTTP/1.1 sends it to an origin server.
+fn origin_form(uri: &Uri) -> Uri {
+    match uri.path_and_query() {
+        Some(path) if path.as_str() != "/" => Uri::from(path.clone()),
+        _ => Uri::from_static("/"),
+    }
+}
+
+impl Pool {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state stays consistent even if a holder panicked: every change is one operation.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The index of the upstream for `https` and `authority`, added on first use, and a
+    /// [`Pool::check_out`] from it under the same lock. Upstreams are never removed: they are
+    /// the routes' targets, a fixed set per runtime.
+    fn find(&self, https: bool, authority: &Authority) -> (usize, Checkout) {
+        let mut state = self.lock();
+        let found = state
+            .upstreams
+            .iter()
+            .position(|u| u.https == https && u.authority == *authority);
+        let index = found.unwrap_or_else(|| {
+            state
+                .upstreams
+                .push(Upstream::new(https, authority.clone()));
+            state.upstreams.len() - 1
+        });
+        let checkout = self.check_out_locked(&mut state.upstreams[index]);
+        (index, checkout)
+    }
+
+    fn target(&self, upstream: usize) -> (bool, Authority) {
+        let state = self.lock();
+        let u = &state.upstreams[upstream];
+        (u.https, u.authority.clone())
+    }
+
+    fn check_out(&self, upstream: usize) -> Checkout {
+        let mut state = self.lock();
+        self.check_out_locked(&mut state.upstreams[upstream])
+    }
+
+    /// A live connection for `u`: its HTTP/2 connection, or the most recently idle HTTP/1.1
+    /// connection that is ready. Expired and closed connections met on the way are dropped; one
+    /// still finishing its last exchange is left for later.
+    fn check_out_locked(&self, u: &mut Upstream) -> Checkout {
+        let idle_timeout = self.idle_timeout;
+        if let Some(h2) = &u.h2 {
+            if !h2.is_closed() && h2.is_ready() {
+                return Checkout::Ready(Sender::Http2(h2.clone()));
+            }
+            u.h2 = None;
+        }
+        let now = Instant::now();
+        let mut i = u.idle.len();
+        while i > 0 {
+            i -= 1;
+            let idle = &u.idle[i];
+            if now.duration_since(idle.since) >= idle_timeout {
+                // This one and every older one have expired.
+                u.idle.drain(..=i);
+                break;
+            }
+            if idle.sender.is_closed() {
+                u.idle.remove(i);
+            } else if idle.sender.is_ready() {
+                if let Some(idle) = u.idle.remove(i) {
+                    return Checkout::Ready(Sender::Http1(idle.sender));
+                }
+            }
+        }
+        let serialise = u.https && u.alpn != Alpn::Http1 && !u.failing;
+        Checkout::Connect {
+            h2_connect: serialise.then(|| Arc::clone(&u.h2_connect)),
+        }
+    }
+
+    fn learned(&self, upstream: usize, alpn: Alpn) {
+        self.lock().upstreams[upstream].alpn = alpn;
+    }
+
+    fn keep_h2(&self, upstream: usize, sender: http2::SendRequest<ProxyBody>) {
+        let mut state = self.lock();
+        let u = &mut state.upstreams[upstream];
+        u.alpn = Alpn::Http2;
+        if u.h2.as_ref().is_none_or(|h2| h2.is_closed()) {
+            u.h2 = Some(sender);
+        }
+    }
+
+    fn check_in(self: Arc<Self>, upstream: usize, sender: http1::SendRequest<ProxyBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut state = self.lock();
+        let u = &mut state.upstreams[upstream];
+        u.idle.push_back(Idle {
+            sender,
+            since: Instant::now(),
+        });
+        if u.idle.len() > MAX_IDLE_PER_UPSTREAM {
+            u.idle.pop_front();
+        }
+        if !state.sweeping {
+            // The sweeper runs on the worker's runtime; without one (never in the proxy), the
+            // connection is not kept, so nothing idle outlives its timeout unwatched.
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                state.upstreams[upstream].idle.pop_back();
+                return;
+            };
+            state.sweeping = true;
+            drop(state);
+            runtime.spawn(sweep(Arc::downgrade(&self)));
+        }
+    }
+}
+
+/// Closes idle connections as they pass the idle timeout, so an upstream that gets no more
+/// requests does not keep sockets open. Sleeps until the oldest idle connection expires; ends
+/// when the pool is gone or has nothing idle.
+async fn sweep(pool: Weak<Pool>) {
+    let mut next = Instant::now();
+    loop {
+        tokio::time::sleep_until(next.into()).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let mut state = pool.lock();
+        let now = Instant::now();
+        let mut oldest: Option<Instant> = None;
+        for u in &mut state.upstreams {
+            u.idle.retain(|idle| {
+                now.duration_since(idle.since) < pool.idle_timeout && !idle.sender.is_closed()
+            });
+            if let Some(front) = u.idle.front() {
+                oldest = Some(oldest.map_or(front.since, |o| o.min(front.since)));
+            }
+        }
+        match oldest {
+            Some(since) => next = since + pool.idle_timeout,
+            None => {
+                state.sweeping = false;
+                return;
+            }
+        }
+    }
+}
