@@ -32,6 +32,10 @@ use crate::body::ProxyBody;
 /// Idle HTTP/1.1 connections kept per upstream and worker; older ones are closed beyond this.
 const MAX_IDLE_PER_UPSTREAM: usize = 256;
 
+/// How many times one request is sent again after pooled connections closed on it unsent (an
+/// upstream that closed its idle connections at once closes several pooled ones together).
+const MAX_RESENDS: u32 = 8;
+
 /// TCP keep-alive on upstream connections, so a pooled connection to a vanished host is found
 /// dead by the kernel.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
@@ -220,6 +224,7 @@ impl UpstreamClient {
         };
         let authority = uri.authority().ok_or(UpstreamError::NoAuthority)?;
         let (upstream, mut checkout) = self.pool.find(https, authority);
+        let mut resends = 0;
         loop {
             let (sender, reused) = match checkout {
                 Checkout::Ready(sender) => (sender, true),
@@ -253,7 +258,7 @@ impl UpstreamClient {
                             return Ok((response, Some(lease)));
                         }
                         Err(mut e) => match e.take_message() {
-                            Some(unsent) if reused => unsent,
+                            Some(unsent) if reused && resends < MAX_RESENDS => unsent,
                             _ => return Err(UpstreamError::Send(e.into_error())),
                         },
                     }
@@ -261,7 +266,7 @@ impl UpstreamClient {
                 Sender::Http2(mut sender) => match sender.try_send_request(request).await {
                     Ok(response) => return Ok((response, None)),
                     Err(mut e) => match e.take_message() {
-                        Some(unsent) if reused => unsent,
+                        Some(unsent) if reused && resends < MAX_RESENDS => unsent,
                         _ => return Err(UpstreamError::Send(e.into_error())),
                     },
                 },
@@ -271,6 +276,7 @@ impl UpstreamClient {
             tracing::debug!("pooled upstream connection closed before sending; retrying");
             request = unsent;
             *request.uri_mut() = uri.clone();
+            resends += 1;
             checkout = self.pool.check_out(upstream);
         }
     }
