@@ -282,8 +282,11 @@ impl UpstreamClient {
     }
 
     /// Opens a connection to `upstream` and notes whether that worked.
+    ///
+    /// Boxed: DNS, TCP, TLS and handshake states are several KiB, and inline they would make
+    /// every request's future (allocated per request) that much larger, connecting or not.
     async fn connect(&self, upstream: usize) -> Result<Sender, UpstreamError> {
-        let result = self.open(upstream).await;
+        let result = Box::pin(self.open(upstream)).await;
         self.pool.lock().upstreams[upstream].failing = result.is_err();
         result
     }
