@@ -32,6 +32,10 @@ use crate::body::ProxyBody;
 /// Idle HTTP/1.1 connections kept per upstream and worker; older ones are closed beyond this.
 const MAX_IDLE_PER_UPSTREAM: usize = 256;
 
+/// HTTP/2 pings on shared upstream connections, and how long a ping may go unanswered.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// How many times one request is sent again after pooled connections closed on it unsent (an
 /// upstream that closed its idle connections at once closes several pooled ones together).
 const MAX_RESENDS: u32 = 8;
@@ -102,8 +106,10 @@ struct Upstream {
     authority: Authority,
     /// Idle HTTP/1.1 connections, oldest first.
     idle: VecDeque<Idle>,
-    /// The shared HTTP/2 connection, when the upstream negotiated `h2`.
+    /// The shared HTTP/2 connection, when the upstream negotiated `h2`, and when a request
+    /// last used it: unused for the idle timeout, it is let go like an idle HTTP/1.1 one.
     h2: Option<http2::SendRequest<ProxyBody>>,
+    h2_used: Instant,
     /// What the last TLS handshake negotiated.
     alpn: Alpn,
     /// Held while connecting to an HTTPS upstream that speaks `h2` or has not said yet, so a
@@ -129,6 +135,7 @@ impl Upstream {
             authority,
             idle: VecDeque::new(),
             h2: None,
+            h2_used: Instant::now(),
             alpn: Alpn::Unknown,
             h2_connect: Arc::new(tokio::sync::Mutex::new(())),
             failing: false,
@@ -285,25 +292,39 @@ impl UpstreamClient {
     ///
     /// Boxed: DNS, TCP, TLS and handshake states are several KiB, and inline they would make
     /// every request's future (allocated per request) that much larger, connecting or not.
+    ///
+    /// The connect timeout bounds all of it: DNS, TCP, TLS and the HTTP handshake.
     async fn connect(&self, upstream: usize) -> Result<Sender, UpstreamError> {
-        let result = Box::pin(self.open(upstream)).await;
-        self.pool.lock().upstreams[upstream].failing = result.is_err();
+        // Until it finishes, the attempt counts as failed: one abandoned midway (its request
+        // timed out) lifts the one-at-a-time rule just as a failure does.
+        let mut attempt = Attempt {
+            pool: &self.pool,
+            upstream,
+            connected: false,
+        };
+        let timeout = self.pool.connect_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let result = tokio::time::timeout_at(deadline, Box::pin(self.open(upstream, deadline)))
+            .await
+            .unwrap_or(Err(UpstreamError::ConnectTimeout(timeout)));
+        attempt.connected = result.is_ok();
         result
     }
 
-    /// DNS and TCP within the connect timeout, then TLS with ALPN for HTTPS, then the HTTP
-    /// handshake. The connection is driven by a task on the calling thread's runtime.
-    async fn open(&self, upstream: usize) -> Result<Sender, UpstreamError> {
+    /// DNS and TCP, then TLS with ALPN for HTTPS, then the HTTP handshake. The connection is
+    /// driven by a task on the calling thread's runtime.
+    async fn open(
+        &self,
+        upstream: usize,
+        deadline: tokio::time::Instant,
+    ) -> Result<Sender, UpstreamError> {
         let (https, authority) = self.pool.target(upstream);
         let host = authority
             .host()
             .trim_start_matches('[')
             .trim_end_matches(']');
         let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let timeout = self.pool.connect_timeout;
-        let tcp = tokio::time::timeout(timeout, tcp_connect(host, port))
-            .await
-            .map_err(|_| UpstreamError::ConnectTimeout(timeout))??;
+        let tcp = tcp_connect(host, port, deadline).await?;
         if !https {
             return http1_handshake(TokioIo::new(tcp)).await;
         }
@@ -319,6 +340,10 @@ impl UpstreamClient {
         }
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            // Pings keep a shared connection's path open (and find it dead) between requests.
+            .keep_alive_interval(H2_PING_INTERVAL)
+            .keep_alive_timeout(H2_PING_TIMEOUT)
+            .keep_alive_while_idle(true)
             .handshake(TokioIo::new(tls))
             .await
             .map_err(UpstreamError::Handshake)?;
@@ -332,7 +357,26 @@ impl UpstreamClient {
     }
 }
 
-async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, UpstreamError> {
+/// Marks the upstream failing unless the connect it guards finished.
+struct Attempt<'a> {
+    pool: &'a Pool,
+    upstream: usize,
+    connected: bool,
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        self.pool.lock().upstreams[self.upstream].failing = !self.connected;
+    }
+}
+
+/// Resolves `host` and tries its addresses in order until one accepts, giving each an equal
+/// share of the time left before `deadline`, so an address that drops SYNs does not use it all.
+async fn tcp_connect(
+    host: &str,
+    port: u16,
+    deadline: tokio::time::Instant,
+) -> Result<TcpStream, UpstreamError> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
         .await
         .map_err(|source| UpstreamError::Resolve {
@@ -341,8 +385,11 @@ async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, UpstreamError> 
         })?
         .collect();
     let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses");
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
+    for (i, addr) in addrs.iter().enumerate() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let share = left / u32::try_from(addrs.len() - i).unwrap_or(u32::MAX);
+        let attempt = tokio::time::timeout(share, TcpStream::connect(addr)).await;
+        match attempt.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())) {
             Ok(stream) => {
                 // Both are best effort: a socket without them still works.
                 let _ = stream.set_nodelay(true);
@@ -422,13 +469,14 @@ impl Pool {
     /// still finishing its last exchange is left for later.
     fn check_out_locked(&self, u: &mut Upstream) -> Checkout {
         let idle_timeout = self.idle_timeout;
+        let now = Instant::now();
         if let Some(h2) = &u.h2 {
-            if !h2.is_closed() && h2.is_ready() {
+            if !h2.is_closed() && h2.is_ready() && now.duration_since(u.h2_used) < idle_timeout {
+                u.h2_used = now;
                 return Checkout::Ready(Sender::Http2(h2.clone()));
             }
             u.h2 = None;
         }
-        let now = Instant::now();
         let mut i = u.idle.len();
         while i > 0 {
             i -= 1;
@@ -456,16 +504,35 @@ impl Pool {
         self.lock().upstreams[upstream].alpn = alpn;
     }
 
-    fn keep_h2(&self, upstream: usize, sender: http2::SendRequest<ProxyBody>) {
+    fn keep_h2(self: &Arc<Self>, upstream: usize, sender: http2::SendRequest<ProxyBody>) {
         let mut state = self.lock();
         let u = &mut state.upstreams[upstream];
         u.alpn = Alpn::Http2;
         if u.h2.as_ref().is_none_or(|h2| h2.is_closed()) {
             u.h2 = Some(sender);
+            u.h2_used = Instant::now();
+            if !self.swept(state) {
+                self.lock().upstreams[upstream].h2 = None;
+            }
         }
     }
 
-    fn check_in(self: Arc<Self>, upstream: usize, sender: http1::SendRequest<ProxyBody>) {
+    /// Makes sure a sweeper watches this pool; false when there is no runtime to run one on
+    /// (never in the proxy), and then nothing should be kept idle.
+    fn swept(self: &Arc<Self>, mut state: MutexGuard<'_, State>) -> bool {
+        if state.sweeping {
+            return true;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        state.sweeping = true;
+        drop(state);
+        runtime.spawn(sweep(Arc::downgrade(self)));
+        true
+    }
+
+    fn check_in(self: &Arc<Self>, upstream: usize, sender: http1::SendRequest<ProxyBody>) {
         if sender.is_closed() {
             return;
         }
@@ -478,23 +545,15 @@ impl Pool {
         if u.idle.len() > MAX_IDLE_PER_UPSTREAM {
             u.idle.pop_front();
         }
-        if !state.sweeping {
-            // The sweeper runs on the worker's runtime; without one (never in the proxy), the
-            // connection is not kept, so nothing idle outlives its timeout unwatched.
-            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                state.upstreams[upstream].idle.pop_back();
-                return;
-            };
-            state.sweeping = true;
-            drop(state);
-            runtime.spawn(sweep(Arc::downgrade(&self)));
+        if !self.swept(state) {
+            self.lock().upstreams[upstream].idle.pop_back();
         }
     }
 }
 
-/// Closes idle connections as they pass the idle timeout, so an upstream that gets no more
-/// requests does not keep sockets open. Sleeps until the oldest idle connection expires; ends
-/// when the pool is gone or has nothing idle.
+/// Closes idle connections (HTTP/1.1 ones in the pool, shared HTTP/2 ones no request used) as
+/// they pass the idle timeout, so an upstream that gets no more requests does not keep sockets
+/// open. Sleeps until the oldest expires; ends when the pool is gone or keeps nothing.
 async fn sweep(pool: Weak<Pool>) {
     let mut next = Instant::now();
     loop {
@@ -507,8 +566,14 @@ async fn sweep(pool: Weak<Pool>) {
             u.idle.retain(|idle| {
                 now.duration_since(idle.since) < pool.idle_timeout && !idle.sender.is_closed()
             });
-            if let Some(front) = u.idle.front() {
-                oldest = Some(oldest.map_or(front.since, |o| o.min(front.since)));
+            let h2_expired = now.duration_since(u.h2_used) >= pool.idle_timeout;
+            if u.h2.as_ref().is_some_and(|h2| h2.is_closed() || h2_expired) {
+                u.h2 = None;
+            }
+            let idle_since = u.idle.front().map(|idle| idle.since);
+            let h2_since = u.h2.as_ref().map(|_| u.h2_used);
+            for since in idle_since.into_iter().chain(h2_since) {
+                oldest = Some(oldest.map_or(since, |o: Instant| o.min(since)));
             }
         }
         match oldest {

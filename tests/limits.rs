@@ -351,3 +351,33 @@ async fn connect_timeout_bounds_a_connect_that_hangs() {
     let response = h.get("/deploy/api/projects/v1").await;
     assert_eq!(response.status(), 200);
 }
+
+#[tokio::test]
+async fn connect_timeout_bounds_a_tls_handshake_that_hangs() {
+    // A listener that accepts TCP and then says nothing: the TLS handshake never finishes.
+    let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            open.push(stream);
+        }
+    });
+    let h = harness_with(
+        "connect_timeout = \"1s\"\nrequest_timeout = \"20s\"",
+        |_| route("/silent", &format!("https://{addr}"), ""),
+    )
+    .await;
+
+    // Twice: the second request must not queue behind the first one's abandoned handshake.
+    for round in 0..2 {
+        let response = h.get("/silent/api/projects/v1").await;
+        assert_proxy_error(response, 502, "upstream_unreachable").await;
+        assert_eq!(
+            upstream_errors(&h, "/silent", "unreachable"),
+            f64::from(round + 1)
+        );
+    }
+    assert_eq!(upstream_errors(&h, "/silent", "timeout"), 0.0);
+    held.abort();
+}

@@ -295,3 +295,67 @@ async fn idle_upstream_connections_are_closed_after_the_idle_timeout() {
         );
     }
 }
+
+#[tokio::test]
+async fn an_unused_http2_upstream_connection_is_let_go_after_the_idle_timeout() {
+    // One worker, so every request shares one pool and the count of upstream connections says
+    // exactly whether the HTTP/2 connection was kept or replaced.
+    let ca = TestCa::new("h2 idle CA");
+    let mut server = (*tls::server_config(&ca.server())).clone();
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let emulator = Emulator::builder()
+        .upstream_tls(Arc::new(server))
+        .start()
+        .await
+        .expect("emulator starts");
+    let dir = tls::temp_dir("h2-idle-ca");
+    let ca_file = tls::write(&dir, "ca.pem", &ca.pem());
+    let setup = Setup {
+        server_extra: format!(
+            "upstream_ca = [\"{}\"]\nidle_timeout = \"400ms\"\n",
+            ca_file.display()
+        ),
+        ..Setup::default()
+    };
+    let config = support::parse(&support::config_text(&setup, &emulator));
+    let proxy = sitecore_auth_proxy::app::start(
+        config,
+        sitecore_auth_proxy::app::Options {
+            tuning: support::fast_tuning(),
+            workers: sitecore_auth_proxy::server::Workers::Threads(
+                std::num::NonZeroUsize::new(1).expect("1"),
+            ),
+        },
+    )
+    .await
+    .expect("proxy starts");
+    let url = format!("http://{}/deploy/x", proxy.local_addr());
+    let http = client(false);
+    let send_five = || async {
+        for i in 0..5 {
+            let response = http.get(&url).send().await.expect("response");
+            assert_eq!(response.status(), 200, "request {i}");
+            assert_eq!(json(response).await["version"], "HTTP/2.0");
+        }
+    };
+    send_five().await;
+    assert_eq!(
+        emulator.upstream_connections(Api::Deploy),
+        1,
+        "one shared connection"
+    );
+    send_five().await;
+    assert_eq!(
+        emulator.upstream_connections(Api::Deploy),
+        1,
+        "still the same one"
+    );
+    // Unused for longer than the idle timeout: the next request gets a new connection.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    send_five().await;
+    assert_eq!(
+        emulator.upstream_connections(Api::Deploy),
+        2,
+        "the expired connection was replaced once"
+    );
+}
