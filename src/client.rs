@@ -252,6 +252,7 @@ impl UpstreamClient {
                     }
                 }
             };
+            let may_resend = reused && resends < MAX_RESENDS;
             let unsent = match sender {
                 Sender::Http1(mut sender) => {
                     *request.uri_mut() = origin_form(&uri);
@@ -264,18 +265,12 @@ impl UpstreamClient {
                             };
                             return Ok((response, Some(lease)));
                         }
-                        Err(mut e) => match e.take_message() {
-                            Some(unsent) if reused && resends < MAX_RESENDS => unsent,
-                            _ => return Err(UpstreamError::Send(e.into_error())),
-                        },
+                        Err(e) => unsent_or_error(e, may_resend)?,
                     }
                 }
                 Sender::Http2(mut sender) => match sender.try_send_request(request).await {
                     Ok(response) => return Ok((response, None)),
-                    Err(mut e) => match e.take_message() {
-                        Some(unsent) if reused && resends < MAX_RESENDS => unsent,
-                        _ => return Err(UpstreamError::Send(e.into_error())),
-                    },
+                    Err(e) => unsent_or_error(e, may_resend)?,
                 },
             };
             // A reused connection closed before the request went out: the upstream never saw
@@ -416,6 +411,17 @@ where
         }
     });
     Ok(Sender::Http1(sender))
+}
+
+/// The request back when it never left and may be sent again, else the error.
+fn unsent_or_error(
+    mut e: hyper::client::conn::TrySendError<Request<ProxyBody>>,
+    may_resend: bool,
+) -> Result<Request<ProxyBody>, UpstreamError> {
+    match e.take_message() {
+        Some(unsent) if may_resend => Ok(unsent),
+        _ => Err(UpstreamError::Send(e.into_error())),
+    }
 }
 
 /// `path?query` of `uri`, as HTTP/1.1 sends it to an origin server.
