@@ -253,6 +253,14 @@ impl CountingUpstream {
     }
 }
 
+/// A `/counted` route to `upstream`.
+fn counted_route(upstream: &CountingUpstream) -> String {
+    format!(
+        "\n[[routes]]\nprefix = \"/counted\"\nupstream = \"http://{}\"\ncredential = \"automation\"\n",
+        upstream.addr
+    )
+}
+
 impl Drop for CountingUpstream {
     fn drop(&mut self) {
         self.task.abort();
@@ -264,10 +272,7 @@ async fn idle_upstream_connections_are_closed_after_the_idle_timeout() {
     let upstream = CountingUpstream::start().await;
     let h = Harness::with(Setup {
         server_extra: "idle_timeout = \"400ms\"\n".into(),
-        extra_toml: format!(
-            "\n[[routes]]\nprefix = \"/counted\"\nupstream = \"http://{}\"\ncredential = \"automation\"\n",
-            upstream.addr
-        ),
+        extra_toml: counted_route(&upstream),
         ..Setup::default()
     })
     .await;
@@ -357,5 +362,46 @@ async fn an_unused_http2_upstream_connection_is_let_go_after_the_idle_timeout() 
         emulator.upstream_connections(Api::Deploy),
         2,
         "the expired connection was replaced once"
+    );
+}
+
+#[tokio::test]
+async fn a_reload_closes_the_old_pools_upstream_connections() {
+    let upstream = CountingUpstream::start().await;
+    let setup = || Setup {
+        extra_toml: counted_route(&upstream),
+        ..Setup::default()
+    };
+    let h = Harness::with(setup()).await;
+    for i in 0..5 {
+        let response = h.get(&format!("/counted/{i}")).await;
+        assert_eq!(response.status(), 200, "request {i}");
+        assert_eq!(response.text().await.expect("body"), "ok");
+    }
+    let before = upstream.accepted.load(Ordering::SeqCst);
+    assert!(before >= 1);
+    assert_eq!(
+        upstream.closed.load(Ordering::SeqCst),
+        0,
+        "pooled, not closed"
+    );
+
+    // The same configuration again: a new runtime with new pools replaces the old one, whose
+    // idle connections close with it (long before the 90 s idle timeout).
+    let config = support::parse(&support::config_text(&setup(), &h.emulator));
+    h.proxy.reload(config).await.expect("reload");
+    assert!(
+        support::eventually(Duration::from_secs(5), || {
+            upstream.closed.load(Ordering::SeqCst) == before
+        })
+        .await,
+        "{} of {before} old upstream connections closed",
+        upstream.closed.load(Ordering::SeqCst)
+    );
+    let response = h.get("/counted/after").await;
+    assert_eq!(response.status(), 200);
+    assert!(
+        upstream.accepted.load(Ordering::SeqCst) > before,
+        "a new pool, a new connection"
     );
 }
