@@ -459,6 +459,11 @@ impl Pool {
         (index, checkout)
     }
 
+    /// Whether a connection unused since `since` has passed the idle timeout at `now`.
+    fn expired(&self, since: Instant, now: Instant) -> bool {
+        now.duration_since(since) >= self.idle_timeout
+    }
+
     fn target(&self, upstream: usize) -> (bool, Authority) {
         let state = self.lock();
         let u = &state.upstreams[upstream];
@@ -474,10 +479,9 @@ impl Pool {
     /// connection that is ready. Expired and closed connections met on the way are dropped; one
     /// still finishing its last exchange is left for later.
     fn check_out_locked(&self, u: &mut Upstream) -> Checkout {
-        let idle_timeout = self.idle_timeout;
         let now = Instant::now();
         if let Some(h2) = &u.h2 {
-            if !h2.is_closed() && h2.is_ready() && now.duration_since(u.h2_used) < idle_timeout {
+            if !h2.is_closed() && h2.is_ready() && !self.expired(u.h2_used, now) {
                 u.h2_used = now;
                 return Checkout::Ready(Sender::Http2(h2.clone()));
             }
@@ -487,7 +491,7 @@ impl Pool {
         while i > 0 {
             i -= 1;
             let idle = &u.idle[i];
-            if now.duration_since(idle.since) >= idle_timeout {
+            if self.expired(idle.since, now) {
                 // This one and every older one have expired.
                 u.idle.drain(..=i);
                 break;
@@ -569,10 +573,9 @@ async fn sweep(pool: Weak<Pool>) {
         let now = Instant::now();
         let mut oldest: Option<Instant> = None;
         for u in &mut state.upstreams {
-            u.idle.retain(|idle| {
-                now.duration_since(idle.since) < pool.idle_timeout && !idle.sender.is_closed()
-            });
-            let h2_expired = now.duration_since(u.h2_used) >= pool.idle_timeout;
+            u.idle
+                .retain(|idle| !pool.expired(idle.since, now) && !idle.sender.is_closed());
+            let h2_expired = pool.expired(u.h2_used, now);
             if u.h2.as_ref().is_some_and(|h2| h2.is_closed() || h2_expired) {
                 u.h2 = None;
             }
