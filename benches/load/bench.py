@@ -7,6 +7,9 @@ One fast upstream (examples/bench_upstream.rs) serves every contender:
   haproxy    same job, nbthread = cores
   proxy      sitecore-auth-proxy, an oauth credential against the built-in emulator
   proxy-quiet  the same with RUST_LOG=warn (no access log), to show what logging costs
+  hyper-floor  examples/bench_hyper_floor.rs: a bare forwarder on the proxy's stack and thread
+             model (hyper server and client, a runtime per core) with none of its logic: what
+             the stack alone costs for the job
 Each is loaded by wrk (HTTP/1.1 keep-alive) and h2load (HTTP/2 prior knowledge, h2c), in
 interleaved repetitions. Then the probes: cold start, 1 GiB upload, 10k idle connections, load
 during token refreshes. Every process listens on 127.0.0.1 only and is stopped at the end.
@@ -32,6 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PROXY_BIN = os.path.join(ROOT, "target", "release", "sitecore-auth-proxy")
 UPSTREAM_BIN = os.path.join(ROOT, "target", "release", "examples", "bench_upstream")
 EMULATOR_BIN = os.path.join(ROOT, "target", "release", "examples", "bench_emulator")
+FLOOR_BIN = os.path.join(ROOT, "target", "release", "examples", "bench_hyper_floor")
 PROBE = os.path.join(HERE, "probe.py")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NCPU = os.cpu_count() or 1
@@ -349,6 +353,14 @@ def start_proxy(env, name, emulator, quiet=False, max_connections=10000, wait=Tr
     return p, port
 
 
+def start_floor(env):
+    out = env.path("floor.out")
+    p = spawn([FLOOR_BIN, f"127.0.0.1:{env.upstream_port}", env.token], open(out, "w"),
+              open(env.path("floor.err"), "w"))
+    h1, h2 = (int(a.rsplit(":", 1)[1]) for a in read_first_line(out).split()[1:3])
+    return p, h1, h2
+
+
 def start_nginx(env):
     port, port2 = free_port(), free_port()
     d = env.path("nginx")
@@ -657,6 +669,7 @@ def main():
         haproxy, haproxy_port, haproxy_h2 = start_haproxy(env)
         proxy, proxy_port = start_proxy(env, "proxy", emulator)
         quiet, quiet_port = start_proxy(env, "proxy-quiet", emulator, quiet=True)
+        floor, floor_port, floor_h2 = start_floor(env)
         contenders = {
             "direct": (env.upstream, f"http://127.0.0.1:{env.upstream_port}{UPSTREAM_PATH}",
                        f"http://127.0.0.1:{env.upstream_port}{UPSTREAM_PATH}"),
@@ -664,6 +677,7 @@ def main():
             "haproxy": (haproxy, f"http://127.0.0.1:{haproxy_port}{CLIENT_PATH}", f"http://127.0.0.1:{haproxy_h2}{CLIENT_PATH}"),
             "sitecore-auth-proxy": (proxy, f"http://127.0.0.1:{proxy_port}{CLIENT_PATH}", f"http://127.0.0.1:{proxy_port}{CLIENT_PATH}"),
             "sitecore-auth-proxy (RUST_LOG=warn)": (quiet, f"http://127.0.0.1:{quiet_port}{CLIENT_PATH}", f"http://127.0.0.1:{quiet_port}{CLIENT_PATH}"),
+            "hyper floor (no proxy logic)": (floor, f"http://127.0.0.1:{floor_port}{CLIENT_PATH}", f"http://127.0.0.1:{floor_h2}{CLIENT_PATH}"),
         }
         # Sanity and warm-up: every contender answers 200 through the same upstream.
         for name, (_, h1, _) in contenders.items():
@@ -691,6 +705,7 @@ def main():
         stop(nginx)
         stop(haproxy)
         stop(quiet)
+        stop(floor)
         probes = {}
         wanted = set() if a.skip_probes else set(a.probes.split(","))
         if "cold_start" in wanted:

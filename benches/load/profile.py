@@ -3,8 +3,8 @@
 
     bash benches/load/profile.sh [seconds]
 
-1. user and system CPU per request (from /proc) for nginx and the proxy under the same
-   `wrk -t1 -c64` load, interleaved, two rounds;
+1. user and system CPU per request (from /proc) for nginx, the proxy and the bare-hyper floor
+   (examples/bench_hyper_floor.rs) under the same `wrk -t1 -c64` load, interleaved, two rounds;
 2. a `perf record --call-graph dwarf` of the proxy under that load, bucketed by
    perf_breakdown.py.
 
@@ -25,6 +25,7 @@ TARGET = os.environ.get("PROFILE_TARGET", os.path.join(bench.ROOT, "target", "re
 bench.PROXY_BIN = os.path.join(TARGET, "sitecore-auth-proxy")
 bench.UPSTREAM_BIN = os.path.join(TARGET, "examples", "bench_upstream")
 bench.EMULATOR_BIN = os.path.join(TARGET, "examples", "bench_emulator")
+bench.FLOOR_BIN = os.path.join(TARGET, "examples", "bench_hyper_floor")
 TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
 
 
@@ -58,9 +59,11 @@ def main():
         env.token = bench.fetch_static_token(emulator)
         nginx, nginx_port, _ = bench.start_nginx(env)
         proxy, proxy_port = bench.start_proxy(env, "proxy", emulator)
+        floor, floor_port, _ = bench.start_floor(env)
         contenders = [
             ("nginx", nginx, f"http://127.0.0.1:{nginx_port}{bench.CLIENT_PATH}"),
             ("sitecore-auth-proxy", proxy, f"http://127.0.0.1:{proxy_port}{bench.CLIENT_PATH}"),
+            ("hyper floor", floor, f"http://127.0.0.1:{floor_port}{bench.CLIENT_PATH}"),
         ]
         print("| contender | req/s | p99 | user µs/req | system µs/req |")
         print("|---|---|---|---|---|")
@@ -76,6 +79,7 @@ def main():
                       f"{(s1 - s0) * TICK_US / n:.2f} |", flush=True)
 
         data = os.path.join(env.workdir, "perf.data")
+        bench.stop(floor)
         url = contenders[1][2]
         load = subprocess.Popen(["wrk", "-t1", "-c64", f"-d{seconds + 4}s", url],
                                 stdout=subprocess.DEVNULL)

@@ -19,6 +19,7 @@ done
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target/profile-build}"
 CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
-    cargo build --release --quiet --bin sitecore-auth-proxy --example bench_upstream --example bench_emulator
+    cargo build --release --quiet --bin sitecore-auth-proxy --example bench_upstream --example bench_emulator \
+    --example bench_hyper_floor
 ulimit -n 65536 2>/dev/null || true
 PROFILE_TARGET="$CARGO_TARGET_DIR/release" exec python3 benches/load/profile.py "$@"

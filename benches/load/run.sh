@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Load comparison: direct vs nginx vs HAProxy vs sitecore-auth-proxy, plus the token/memory probes.
+# Load comparison: direct vs nginx vs HAProxy vs sitecore-auth-proxy (and the bare-hyper floor), plus
+# the token/memory probes.
 #
 #   bash benches/load/run.sh [--quick] [extra options of bench.py]
 #
@@ -34,7 +35,8 @@ if ((${#need[@]})); then
 fi
 
 echo "building release binary and benchmark examples" >&2
-cargo build --release --quiet --bin sitecore-auth-proxy --example bench_upstream --example bench_emulator
+cargo build --release --quiet --bin sitecore-auth-proxy --example bench_upstream --example bench_emulator \
+    --example bench_hyper_floor
 
 # 10,000 idle connections: the client and the proxy each need more than 10k descriptors.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
