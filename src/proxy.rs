@@ -548,22 +548,20 @@ impl Drop for AccessRecord {
             .get_or_create(&RouteLabels { route: route_label })
             .observe(elapsed.as_secs_f64());
         let route = self.outcome.route.as_deref();
-        tracing::info!(
-            target: "access",
-            request_id = self.request_id.to_str().unwrap_or("-"),
-            client = &*client_label,
-            method = %self.method,
-            path = &*self.path,
-            route = route.map_or("-", |r| r.prefix.as_str()),
-            credential = route.map_or("-", |r| r.credential.as_str()),
-            status = self.status,
-            upstream_status = self.outcome.upstream_status.unwrap_or(0),
-            duration_us = elapsed.as_micros() as u64,
-            bytes = self.bytes,
+        crate::logging::log_access(&crate::logging::AccessLine {
+            request_id: self.request_id.to_str().unwrap_or("-"),
+            client: &client_label,
+            method: &self.method,
+            path: &self.path,
+            route: route.map_or("-", |r| r.prefix.as_str()),
+            credential: route.map_or("-", |r| r.credential.as_str()),
+            status: self.status,
+            upstream_status: self.outcome.upstream_status.unwrap_or(0),
+            duration_us: elapsed.as_micros() as u64,
+            bytes: self.bytes,
             complete,
-            error = self.cut,
-            "request"
-        );
+            error: self.cut,
+        });
     }
 }
 

@@ -4,39 +4,9 @@
 
 mod support;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use sitecore_auth_proxy::emulator::{Emulator, TokenFault, UpstreamFault};
-use sitecore_auth_proxy::logging::{self, Format};
+use sitecore_auth_proxy::logging::{self, Format, MemoryWriter};
 use support::{json, Harness, Setup};
-use tracing_subscriber::fmt::MakeWriter;
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("capture").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Capture {
-    type Writer = Capture;
-    fn make_writer(&'a self) -> Capture {
-        self.clone()
-    }
-}
-
-impl Capture {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().expect("capture")).into_owned()
-    }
-}
 
 const SECRET: &str = "cs-LOGMARK-secret-3e1f";
 const CLIENT_KEY: &str = "ck-LOGMARK-key-9a0c";
@@ -177,8 +147,8 @@ async fn full_run() -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_level_logs_of_a_full_run_contain_no_secret() {
-    let text_capture = Capture::default();
-    let json_capture = Capture::default();
+    let text_capture = MemoryWriter::default();
+    let json_capture = MemoryWriter::default();
     {
         use tracing_subscriber::layer::SubscriberExt;
         let subscriber = tracing_subscriber::registry()
@@ -200,14 +170,14 @@ async fn trace_level_logs_of_a_full_run_contain_no_secret() {
     drop(logging::subscriber(
         Format::Json,
         "trace",
-        Capture::default(),
+        MemoryWriter::default(),
         false,
     ));
 
     let forbidden = full_run().await;
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     for (name, capture) in [("text", &text_capture), ("json", &json_capture)] {
-        let logs = capture.text();
+        let logs = capture.contents();
         assert!(
             logs.lines().count() > 10,
             "{name}: logs were captured:\n{logs}"
