@@ -335,8 +335,14 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
             return v.clone();
         }
     }
+    // Hex in a fixed buffer that the header value owns: no formatting, and the two clones
+    // (upstream request, response) share it instead of each promoting a `Vec` to shared.
+    let mut hex = [0u8; 32];
     let id: u128 = rand::random();
-    HeaderValue::try_from(format!("{id:032x}")).unwrap_or(HeaderValue::from_static("-"))
+    if ::hex::encode_to_slice(id.to_be_bytes(), &mut hex).is_err() {
+        return HeaderValue::from_static("-");
+    }
+    HeaderValue::from_maybe_shared(Bytes::from_owner(hex)).unwrap_or(HeaderValue::from_static("-"))
 }
 
 /// Largest body the local token endpoint reads.

@@ -97,7 +97,13 @@ async fn request_ids_are_passed_upstream_and_returned() {
         .to_str()
         .expect("ascii")
         .to_owned();
-    assert_eq!(returned.len(), 32);
+    let generated = |id: &str| {
+        id.len() == 32
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    assert!(generated(&returned), "{returned}");
     let echo = json(response).await;
     assert_eq!(echo["headers"]["x-request-id"], returned.as_str());
 
@@ -127,7 +133,8 @@ async fn request_ids_are_passed_upstream_and_returned() {
         .to_str()
         .expect("ascii")
         .to_owned();
-    assert_ne!(replaced, "has spaces;and=stuff");
+    assert!(generated(&replaced), "{replaced}");
+    assert_ne!(replaced, returned, "each request gets its own id");
     assert_eq!(
         json(response).await["headers"]["x-request-id"],
         replaced.as_str()
