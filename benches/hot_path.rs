@@ -9,14 +9,18 @@
 //! - `inbound/*`: the client key check (`Clients::check_key`, SHA-256 and a constant-time compare
 //!   against every client) over 1, 10 and 100 clients, and `Clients::authenticate` with a key
 //!   and with a token issued by the local token endpoint;
+//! - `access_line/*`: one access-log line (`logging::log_access`) through the proxy's subscriber,
+//!   text and JSON, next to tracing-subscriber's generic formatter configured as before the line
+//!   had its own, both writing to `io::sink`;
 //! - `pipeline_1_thread/*`, `pipeline_all_cores/*`: one whole request through the proxy on
 //!   127.0.0.1 to an in-process upstream that answers 200 without verifying anything, next to the
 //!   same request sent directly, so the difference is what the proxy adds (HTTP/1.1 keep-alive
 //!   and HTTP/2 prior knowledge). On one thread the time is the CPU a request costs; on all cores
 //!   it also includes the cross-thread wake-ups of a multi-thread runtime.
 //!
-//! The proxy runs without a tracing subscriber here, so the access log costs nothing; the load
-//! comparison (`benches/load/run.sh`) measures the binary with its logging.
+//! The pipeline benchmarks run without a tracing subscriber, so the access log costs nothing
+//! there; `access_line/*` measures it alone, and the load comparison (`benches/load/run.sh`)
+//! measures the binary with its logging.
 
 use std::convert::Infallible;
 use std::hint::black_box;
@@ -39,10 +43,57 @@ use sitecore_auth_proxy::app::{self, Options, RunningProxy};
 use sitecore_auth_proxy::config::{Config, RouteSettings};
 use sitecore_auth_proxy::emulator::Emulator;
 use sitecore_auth_proxy::inbound::Clients;
+use sitecore_auth_proxy::logging::{self, AccessLine, Format};
 use sitecore_auth_proxy::routes::{check_path, Route, RouteTable};
 use sitecore_auth_proxy::server::Workers;
 use sitecore_auth_proxy::upstream::{strip_hop_by_hop, strip_inbound_credentials};
 use tokio::net::TcpListener;
+
+// -------------------------------------------------------------------------------- access log
+
+fn bench_access_line(c: &mut Criterion) {
+    let method = http::Method::GET;
+    let line = AccessLine {
+        request_id: "5f0c6b2e9d8a4c1b8e7f6a5b4c3d2e1f",
+        client: "-",
+        method: &method,
+        path: "/deploy/api/projects/v1",
+        route: "/deploy",
+        credential: "deploy",
+        status: 200,
+        upstream_status: 200,
+        duration_us: 842,
+        bytes: 38,
+        complete: true,
+        error: None,
+    };
+    let mut group = c.benchmark_group("access_line");
+    for format in [Format::Text, Format::Json] {
+        let generic = tracing_subscriber::fmt()
+            .with_env_filter(logging::filter("info"))
+            .with_writer(std::io::sink)
+            .with_ansi(false);
+        let generic: Box<dyn tracing::Subscriber + Send + Sync> = match format {
+            Format::Text => Box::new(generic.finish()),
+            Format::Json => Box::new(generic.json().flatten_event(true).finish()),
+        };
+        let ours = logging::subscriber(format, "info", std::io::sink, false);
+        for (name, subscriber) in [("generic", generic), ("hand_written", ours)] {
+            let id = format!(
+                "{}_{name}",
+                if format == Format::Text {
+                    "text"
+                } else {
+                    "json"
+                }
+            );
+            tracing::subscriber::with_default(subscriber, || {
+                group.bench_function(id, |b| b.iter(|| logging::log_access(black_box(&line))));
+            });
+        }
+    }
+    group.finish();
+}
 
 // ------------------------------------------------------------------------------------- routes
 
@@ -445,6 +496,7 @@ criterion_group!(
     bench_check_path,
     bench_headers,
     bench_inbound,
+    bench_access_line,
     bench_live
 );
 criterion_main!(benches);

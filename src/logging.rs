@@ -5,7 +5,7 @@
 //! capped at `info`, so raising the level never exposes a header value. The proxy's own events
 //! never carry secrets: tokens and keys live in redacting types and query strings are not logged.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -367,18 +367,34 @@ where
 /// Formats `event` into `line` as the generic formatter would; false when it has a value this
 /// does not handle (the generic formatter then writes the line).
 fn format_access(line: &mut String, event: &Event<'_>, json: bool) -> bool {
-    let now = humantime::format_rfc3339_micros(std::time::SystemTime::now());
-    let level = event.metadata().level();
-    let head = if json {
-        write!(line, "{{\"timestamp\":\"{now}\",\"level\":\"{level}\"")
-    } else {
-        write!(line, "{now} {level:>5} {ACCESS_TARGET}: ")
+    let now = std::time::SystemTime::now();
+    // The level as the text format pads it, right-aligned in five columns.
+    let level = match *event.metadata().level() {
+        tracing::Level::ERROR => "ERROR",
+        tracing::Level::WARN => " WARN",
+        tracing::Level::INFO => " INFO",
+        tracing::Level::DEBUG => "DEBUG",
+        tracing::Level::TRACE => "TRACE",
     };
+    if json {
+        line.push_str("{\"timestamp\":\"");
+        timestamp(line, now);
+        line.push_str("\",\"level\":\"");
+        line.push_str(level.trim_start());
+        line.push('"');
+    } else {
+        timestamp(line, now);
+        line.push(' ');
+        line.push_str(level);
+        line.push(' ');
+        line.push_str(ACCESS_TARGET);
+        line.push_str(": ");
+    }
     let mut fields = FastFields {
         line,
         json,
         first: true,
-        handled: head.is_ok(),
+        handled: true,
     };
     event.record(&mut fields);
     if !fields.handled {
@@ -505,6 +521,40 @@ impl Visit for FastFields<'_> {
     }
 }
 
+thread_local! {
+    /// The second of the last timestamp and its text up to the seconds (`2026-11-24T03:20:15`).
+    static SECOND: Cell<(u64, [u8; 19])> = const { Cell::new((u64::MAX, [0; 19])) };
+}
+
+/// Appends `now` as tracing-subscriber's `SystemTime` timer writes it (RFC 3339, UTC,
+/// microseconds: `2026-11-24T03:20:15.123456Z`). The date and time of day are formatted once a
+/// second per thread; within the second only the microseconds are written.
+fn timestamp(line: &mut String, now: std::time::SystemTime) {
+    let since_epoch = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since_epoch.as_secs();
+    let (cached, mut text) = SECOND.get();
+    if cached != secs {
+        // humantime writes the same shape; its seconds part is what is cached.
+        let full = humantime::format_rfc3339_seconds(now).to_string();
+        if full.len() != 20 {
+            // Years beyond 9999: not worth a cache.
+            line.push_str(&humantime::format_rfc3339_micros(now).to_string());
+            return;
+        }
+        text.copy_from_slice(&full.as_bytes()[..19]);
+        SECOND.set((secs, text));
+    }
+    line.push_str(std::str::from_utf8(&text).unwrap_or("1970-01-01T00:00:00"));
+    line.push('.');
+    // Six digits with leading zeros: the digits of 1,000,000 + µs after the leading 1.
+    let mut digits = [0; 20];
+    let micros = itoa(u64::from(since_epoch.subsec_micros()) + 1_000_000, &mut digits);
+    line.push_str(&micros[1..]);
+    line.push('Z');
+}
+
 /// `value` in decimal, in `buf`.
 fn itoa(mut value: u64, buf: &mut [u8; 20]) -> &str {
     let mut at = buf.len();
@@ -522,8 +572,6 @@ fn itoa(mut value: u64, buf: &mut [u8; 20]) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use std::cell::Cell;
-
     use super::*;
 
     thread_local! {
@@ -640,6 +688,18 @@ mod tests {
             "terminal output keeps its colours: {out}"
         );
         assert!(out.contains("started"), "{out}");
+    }
+
+    #[test]
+    fn timestamps_match_the_rfc3339_micros_shape_across_seconds_and_days() {
+        let base = std::time::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        let offsets_us = [0, 1, 999_999, 1_000_000, 1_000_001, 59_999_999, 86_399_999_999];
+        for us in offsets_us.into_iter().chain((0..500).map(|i| i * 7_919_777)) {
+            let t = base + Duration::from_micros(us);
+            let mut ours = String::new();
+            timestamp(&mut ours, t);
+            assert_eq!(ours, humantime::format_rfc3339_micros(t).to_string());
+        }
     }
 
     #[test]
