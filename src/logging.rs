@@ -550,7 +550,10 @@ fn timestamp(line: &mut String, now: std::time::SystemTime) {
     line.push('.');
     // Six digits with leading zeros: the digits of 1,000,000 + µs after the leading 1.
     let mut digits = [0; 20];
-    let micros = itoa(u64::from(since_epoch.subsec_micros()) + 1_000_000, &mut digits);
+    let micros = itoa(
+        u64::from(since_epoch.subsec_micros()) + 1_000_000,
+        &mut digits,
+    );
     line.push_str(&micros[1..]);
     line.push('Z');
 }
@@ -693,8 +696,19 @@ mod tests {
     #[test]
     fn timestamps_match_the_rfc3339_micros_shape_across_seconds_and_days() {
         let base = std::time::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
-        let offsets_us = [0, 1, 999_999, 1_000_000, 1_000_001, 59_999_999, 86_399_999_999];
-        for us in offsets_us.into_iter().chain((0..500).map(|i| i * 7_919_777)) {
+        let offsets_us = [
+            0,
+            1,
+            999_999,
+            1_000_000,
+            1_000_001,
+            59_999_999,
+            86_399_999_999,
+        ];
+        for us in offsets_us
+            .into_iter()
+            .chain((0..500).map(|i| i * 7_919_777))
+        {
             let t = base + Duration::from_micros(us);
             let mut ours = String::new();
             timestamp(&mut ours, t);
