@@ -48,6 +48,8 @@ UPSTREAM_PATH = "/base/api/projects/v1"
 COLD_DELAY_MS = 3000
 
 procs = []
+# The contenders' access logs, emptied before every measured run (see `measured`).
+LOGS = []
 
 
 def log(msg):
@@ -257,9 +259,23 @@ def own_ticks():
     return reaped + cpu_ticks(os.getpid())
 
 
+def access_log(path):
+    """Opens a contender's access log for appending and notes it for `measured`."""
+    LOGS.append(path)
+    return open(path, "a")
+
+
 def measured(run, pids):
     """Runs a load and adds the CPU time per request of the processes in `pids`, and how much
-    CPU other processes of the machine used meanwhile (`foreign_cpu_pct`, of all cores)."""
+    CPU other processes of the machine used meanwhile (`foreign_cpu_pct`, of all cores).
+
+    Every access log starts the run empty, as after a log rotation. Appending to a file that has
+    grown to gigabytes costs several times the system time per line (the page cache's writeback
+    catches up), and the contenders write lines of different lengths, so without this the runs
+    late in the sequence would measure the file system more than the contenders."""
+    for path in LOGS:
+        if os.path.exists(path):
+            os.truncate(path, 0)
     before = {name: cpu_ticks(pid) for name, pid in pids.items()}
     busy0, own0, t0 = busy_ticks(), own_ticks(), time.monotonic()
     result = run()
@@ -347,7 +363,7 @@ def start_proxy(env, name, emulator, quiet=False, max_connections=10000, wait=Tr
         f.write(proxy_config(env, emulator, port, max_connections))
     penv = dict(os.environ)
     penv["RUST_LOG"] = "warn" if quiet else "info"
-    p = spawn([PROXY_BIN, "run", "--config", cfg], open(env.path(f"{name}.log"), "w"), env=penv)
+    p = spawn([PROXY_BIN, "run", "--config", cfg], access_log(env.path(f"{name}.log")), env=penv)
     if wait:
         wait_port(port)
     return p, port
@@ -401,6 +417,7 @@ http {{
     }}
 }}
 """)
+    LOGS.append(os.path.join(d, "access.log"))  # nginx opens it itself, for appending
     p = spawn(["nginx", "-p", d, "-c", conf], open(os.path.join(d, "stdout.log"), "w"))
     wait_port(port)
     wait_port(port2)
@@ -438,7 +455,7 @@ backend be
     http-request set-header Authorization "Bearer {env.token}"
     server fast 127.0.0.1:{env.upstream_port} maxconn 1000
 """)
-    p = spawn(["haproxy", "-db", "-f", cfg], open(env.path("haproxy.log"), "w"))
+    p = spawn(["haproxy", "-db", "-f", cfg], access_log(env.path("haproxy.log")))
     wait_port(port)
     wait_port(port2)
     return p, port, port2
