@@ -34,8 +34,8 @@ use crate::runtime::Runtime;
 /// Listener settings fixed for the life of the listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerSettings {
-    /// Slowloris guard: time allowed to send a request's headers (for HTTP/1.1 also the idle
-    /// time between requests, as hyper's timer runs while waiting for the next head).
+    /// Slowloris guard: time allowed to send a request's headers. For HTTP/1.1 it also bounds
+    /// the idle time between requests: it runs from the end of one response to the next head.
     pub header_read_timeout: Duration,
     /// A connection with no request in flight for this long is closed gracefully.
     pub idle_timeout: Duration,
@@ -426,9 +426,11 @@ struct Builders {
 impl Builders {
     fn new(settings: &ListenerSettings) -> Builders {
         let mut http1 = hyper::server::conn::http1::Builder::new();
+        // No hyper timer: it would box a new `Sleep` for every request head (hyper drops it
+        // after each head). The connection's watch enforces `header_read_timeout` instead, with
+        // its one timer per connection (see `Connection::serve`).
         http1
-            .timer(TokioTimer::new())
-            .header_read_timeout(settings.header_read_timeout)
+            .header_read_timeout(None::<Duration>)
             .keep_alive(true)
             .max_buf_size(64 * 1024)
             // A hard limit: `max_buf_size` alone is a soft one (one read may fill the buffer's
@@ -522,7 +524,13 @@ impl Connection {
         let watch = Watch {
             activity,
             shutdown: self.shutdown,
-            idle_timeout: self.idle_timeout,
+            // Plain HTTP/1.1: the watch also enforces the header-read timeout between requests
+            // (hyper's own timer is off there, see `Builders::new`), so a kept-alive client has
+            // `header_read_timeout` to send its next head, and the idle close comes no later.
+            idle_timeout: match proto {
+                Proto::Http1 => self.idle_timeout.min(self.header_read_timeout),
+                Proto::Http2 | Proto::Unsure => self.idle_timeout,
+            },
             header_read_timeout: self.header_read_timeout,
             peer,
         };

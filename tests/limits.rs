@@ -9,8 +9,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use sitecore_auth_proxy::emulator::{Api, Emulator, UpstreamFault};
-use support::raw::{connect_and_write, exchange, read_until_closed, status_of};
+use support::raw::{connect_and_write, exchange, read_response, read_until_closed, status_of};
 use support::{json, Harness, Setup};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// How long a client may wait for the proxy to act before the test calls it a hang.
@@ -217,6 +218,39 @@ async fn a_slowloris_client_is_cut_off_while_a_normal_client_is_served() {
         .seen_requests()
         .iter()
         .all(|r| r.query.as_deref() != Some("from=slowloris")));
+}
+
+#[tokio::test]
+async fn a_kept_alive_connection_that_stalls_in_its_second_request_head_is_cut_off() {
+    // The idle timeout is long: only the header-read timeout can end the stall.
+    let h = start("header_read_timeout = \"1s\"\nidle_timeout = \"120s\"").await;
+    let mut conn = connect_and_write(
+        h.proxy.local_addr(),
+        b"GET /deploy/api/projects/v1 HTTP/1.1\r\nHost: proxy.test\r\n\r\n",
+    )
+    .await;
+    let first = tokio::time::timeout(NOT_A_HANG, read_response(&mut conn))
+        .await
+        .expect("the first response");
+    assert_eq!(status_of(&first), 200, "{first}");
+
+    conn.write_all(
+        b"GET /deploy/api/projects/v1?from=stalled HTTP/1.1\r\nHost: proxy.test\r\nX-Slow: ",
+    )
+    .await
+    .expect("write the partial head");
+    let answer = tokio::time::timeout(NOT_A_HANG, read_until_closed(&mut conn))
+        .await
+        .expect("the stalled connection is closed, not left hanging");
+    assert!(
+        answer.is_empty() || status_of(&answer) == 408,
+        "at most a 408: {answer:?}"
+    );
+    assert_eq!(
+        h.emulator.upstream_requests(),
+        1,
+        "only the first request went up"
+    );
 }
 
 #[tokio::test]

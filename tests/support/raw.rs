@@ -33,6 +33,32 @@ pub async fn read_until_closed(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Reads one response with a `Content-Length` body, leaving the connection open.
+pub async fn read_response(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if out.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return text,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
 /// Reads until EOF or `quiet` passes with no data.
 pub async fn read_until_quiet(stream: &mut TcpStream, quiet: Duration) -> String {
     let mut out = Vec::new();
