@@ -69,14 +69,7 @@ fn bench_access_line(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("access_line");
     for format in [Format::Text, Format::Json] {
-        let generic = tracing_subscriber::fmt()
-            .with_env_filter(logging::filter("info"))
-            .with_writer(std::io::sink)
-            .with_ansi(false);
-        let generic: Box<dyn tracing::Subscriber + Send + Sync> = match format {
-            Format::Text => Box::new(generic.finish()),
-            Format::Json => Box::new(generic.json().flatten_event(true).finish()),
-        };
+        let generic = logging::generic_subscriber(format, "info", std::io::sink);
         let ours = logging::subscriber(format, "info", std::io::sink, false);
         for (name, subscriber) in [("generic", generic), ("hand_written", ours)] {
             let id = format!(

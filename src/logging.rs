@@ -198,10 +198,7 @@ pub fn subscriber<W>(
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter(directives))
-        .with_writer(writer)
-        .with_ansi(ansi && format == Format::Text);
+    let builder = builder(directives, writer, ansi && format == Format::Text);
     match format {
         Format::Text => Box::new(
             builder
@@ -221,6 +218,39 @@ where
                 .finish(),
         ),
     }
+}
+
+/// tracing-subscriber's own formatter for every event, the access line included: what
+/// [`subscriber`] writes without the access line's hand-written formatter (and without colour).
+/// The reference that the tests and the `access_line` benchmark compare it with.
+pub fn generic_subscriber<W>(
+    format: Format,
+    directives: &str,
+    writer: W,
+) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    let builder = builder(directives, writer, false);
+    match format {
+        Format::Text => Box::new(builder.finish()),
+        Format::Json => Box::new(builder.json().flatten_event(true).finish()),
+    }
+}
+
+/// The fmt builder both subscribers start from: the filter, the writer, colour or not.
+fn builder<W>(
+    directives: &str,
+    writer: W,
+    ansi: bool,
+) -> tracing_subscriber::fmt::SubscriberBuilder<format::DefaultFields, format::Format, EnvFilter, W>
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(filter(directives))
+        .with_writer(writer)
+        .with_ansi(ansi)
 }
 
 /// A log writer that keeps what it is given in memory (tests, and embedders that ship logs
@@ -582,18 +612,6 @@ mod tests {
         pub(super) static FAST_LINES: Cell<usize> = const { Cell::new(0) };
     }
 
-    /// tracing-subscriber's formatter as configured before the access line had its own.
-    fn generic(format: Format, writer: MemoryWriter) -> Box<dyn Subscriber + Send + Sync> {
-        let builder = tracing_subscriber::fmt()
-            .with_env_filter(filter("info"))
-            .with_writer(writer)
-            .with_ansi(false);
-        match format {
-            Format::Text => Box::new(builder.finish()),
-            Format::Json => Box::new(builder.json().flatten_event(true).finish()),
-        }
-    }
-
     /// `line` with its timestamp (27 characters, checked for shape) replaced by `T`.
     fn without_timestamp(line: &str) -> String {
         let at = line.find("20").unwrap_or(0);
@@ -653,9 +671,10 @@ mod tests {
                     || log_access(access),
                 );
                 let took_fast_path = FAST_LINES.with(Cell::get) > before;
-                tracing::subscriber::with_default(generic(format, theirs.clone()), || {
-                    log_access(access)
-                });
+                tracing::subscriber::with_default(
+                    generic_subscriber(format, "info", theirs.clone()),
+                    || log_access(access),
+                );
                 let (ours, theirs) = (ours.take(), theirs.take());
                 assert_eq!(ours.lines().count(), 1, "{ours}");
                 assert_eq!(
