@@ -184,6 +184,17 @@ async fn refused_and_reset_upstreams_answer_502_and_other_routes_keep_working() 
     assert_eq!(upstream_errors(&h, "/authoring", "unreachable"), 0.0);
 }
 
+/// `stream` is closed by the proxy within [`NOT_A_HANG`], having received at most a 408.
+async fn assert_cut_off(stream: &mut TcpStream, who: &str) {
+    let answer = tokio::time::timeout(NOT_A_HANG, read_until_closed(stream))
+        .await
+        .unwrap_or_else(|_| panic!("{who} was not disconnected"));
+    assert!(
+        answer.is_empty() || status_of(&answer) == 408,
+        "{who} gets at most a 408: {answer:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_slowloris_client_is_cut_off_while_a_normal_client_is_served() {
     let h = start("header_read_timeout = \"1s\"").await;
@@ -201,13 +212,7 @@ async fn a_slowloris_client_is_cut_off_while_a_normal_client_is_served() {
         "a normal client is served meanwhile"
     );
 
-    let answer = tokio::time::timeout(NOT_A_HANG, read_until_closed(&mut slow))
-        .await
-        .expect("the slow client is disconnected, not left hanging");
-    assert!(
-        answer.is_empty() || status_of(&answer) == 408,
-        "the slow client gets at most a 408: {answer:?}"
-    );
+    assert_cut_off(&mut slow, "the slow client").await;
     assert_eq!(
         h.emulator.upstream_requests(),
         1,
@@ -239,13 +244,7 @@ async fn a_kept_alive_connection_that_stalls_in_its_second_request_head_is_cut_o
     )
     .await
     .expect("write the partial head");
-    let answer = tokio::time::timeout(NOT_A_HANG, read_until_closed(&mut conn))
-        .await
-        .expect("the stalled connection is closed, not left hanging");
-    assert!(
-        answer.is_empty() || status_of(&answer) == 408,
-        "at most a 408: {answer:?}"
-    );
+    assert_cut_off(&mut conn, "the stalled keep-alive connection").await;
     assert_eq!(
         h.emulator.upstream_requests(),
         1,
@@ -260,15 +259,8 @@ async fn clients_that_stall_before_their_first_line_are_cut_off_too() {
     // Nothing at all, and a stalled HTTP/2 preface: both hold a connection slot until cut off.
     for sent in [&b""[..], &b"PRI * HTTP/2.0\r\n"[..]] {
         let mut stalled = connect_and_write(h.proxy.local_addr(), sent).await;
-        let answer = tokio::time::timeout(NOT_A_HANG, read_until_closed(&mut stalled))
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "a client that sent {:?} and stalled was not disconnected",
-                    String::from_utf8_lossy(sent)
-                )
-            });
-        assert!(answer.is_empty() || status_of(&answer) == 408, "{answer:?}");
+        let what = format!("a client that sent {:?}", String::from_utf8_lossy(sent));
+        assert_cut_off(&mut stalled, &what).await;
     }
     assert_eq!(h.emulator.upstream_requests(), 0);
 }
