@@ -266,6 +266,10 @@ def access_log(path):
     return open(path, "a")
 
 
+def cpu_us_per_req(ticks, requests):
+    return round(ticks / CLK_TCK / max(1, requests) * 1e6, 2)
+
+
 def empty_logs():
     for path in LOGS:
         if os.path.exists(path):
@@ -287,8 +291,7 @@ def measured(run, pids):
     busy1, own1, t1 = busy_ticks(), own_ticks(), time.monotonic()
     for name, pid in pids.items():
         ticks = cpu_ticks(pid) - before[name]
-        per_req = ticks / CLK_TCK / max(1, result["requests"]) * 1e6
-        result[f"{name}_cpu_us_per_req"] = round(per_req, 2)
+        result[f"{name}_cpu_us_per_req"] = cpu_us_per_req(ticks, result["requests"])
     foreign = max(0, (busy1 - busy0) - (own1 - own0)) / CLK_TCK
     result["foreign_cpu_pct"] = round(100.0 * foreign / ((t1 - t0) * NCPU), 1)
     return result
@@ -632,7 +635,7 @@ def probe_refresh(env, long_emulator, duration, reps, conns):
             long_r, short_r = pool.map(lambda url: run_wrk(url, max(1, conns // 2), duration), urls)
         for r, pid, c0 in zip((long_r, short_r), pids, cpu0):
             ticks = cpu_ticks(pid) - c0
-            r["contender_cpu_us_per_req"] = round(ticks / CLK_TCK / max(1, r["requests"]) * 1e6, 2)
+            r["contender_cpu_us_per_req"] = cpu_us_per_req(ticks, r["requests"])
         short_r["token_requests_during_run"] = emulator_counters(short)["token_requests"] - tokens0
         runs["long_lived"].append(long_r)
         runs["refreshing"].append(short_r)
