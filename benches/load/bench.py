@@ -33,10 +33,18 @@ import urllib.request
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 HERE = os.path.dirname(os.path.abspath(__file__))
-PROXY_BIN = os.path.join(ROOT, "target", "release", "sitecore-auth-proxy")
-UPSTREAM_BIN = os.path.join(ROOT, "target", "release", "examples", "bench_upstream")
-EMULATOR_BIN = os.path.join(ROOT, "target", "release", "examples", "bench_emulator")
-FLOOR_BIN = os.path.join(ROOT, "target", "release", "examples", "bench_hyper_floor")
+
+
+def use_binaries(target):
+    """Runs the binaries of `target` (a cargo profile's output directory)."""
+    global PROXY_BIN, UPSTREAM_BIN, EMULATOR_BIN, FLOOR_BIN
+    PROXY_BIN = os.path.join(target, "sitecore-auth-proxy")
+    UPSTREAM_BIN = os.path.join(target, "examples", "bench_upstream")
+    EMULATOR_BIN = os.path.join(target, "examples", "bench_emulator")
+    FLOOR_BIN = os.path.join(target, "examples", "bench_hyper_floor")
+
+
+use_binaries(os.path.join(ROOT, "target", "release"))
 PROBE = os.path.join(HERE, "probe.py")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NCPU = os.cpu_count() or 1
@@ -364,24 +372,27 @@ credential = "bench"
 """
 
 
-def start_proxy(env, name, emulator, quiet=False, max_connections=10000, wait=True):
+def start_proxy(env, name, emulator, quiet=False, max_connections=10000, wait=True, wrap=()):
+    """`wrap` runs the proxy under another program (instructions.py: valgrind)."""
     port = free_port()
     cfg = env.path(f"{name}.toml")
     with open(cfg, "w") as f:
         f.write(proxy_config(env, emulator, port, max_connections))
     penv = dict(os.environ)
     penv["RUST_LOG"] = "warn" if quiet else "info"
-    p = spawn([PROXY_BIN, "run", "--config", cfg], access_log(env.path(f"{name}.log")), env=penv)
+    p = spawn([*wrap, PROXY_BIN, "run", "--config", cfg], access_log(env.path(f"{name}.log")),
+              env=penv)
     if wait:
-        wait_port(port)
+        wait_port(port, timeout=60.0 if wrap else 20.0)
     return p, port
 
 
-def start_floor(env):
+def start_floor(env, wrap=()):
     out = env.path("floor.out")
-    p = spawn([FLOOR_BIN, f"127.0.0.1:{env.upstream_port}", env.token], open(out, "w"),
+    p = spawn([*wrap, FLOOR_BIN, f"127.0.0.1:{env.upstream_port}", env.token], open(out, "w"),
               open(env.path("floor.err"), "w"))
-    h1, h2 = (int(a.rsplit(":", 1)[1]) for a in read_first_line(out).split()[1:3])
+    line = read_first_line(out, timeout=60.0 if wrap else 20.0)
+    h1, h2 = (int(a.rsplit(":", 1)[1]) for a in line.split()[1:3])
     return p, h1, h2
 
 

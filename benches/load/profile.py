@@ -21,11 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench  # noqa: E402
 
-TARGET = os.environ.get("PROFILE_TARGET", os.path.join(bench.ROOT, "target", "release"))
-bench.PROXY_BIN = os.path.join(TARGET, "sitecore-auth-proxy")
-bench.UPSTREAM_BIN = os.path.join(TARGET, "examples", "bench_upstream")
-bench.EMULATOR_BIN = os.path.join(TARGET, "examples", "bench_emulator")
-bench.FLOOR_BIN = os.path.join(TARGET, "examples", "bench_hyper_floor")
+bench.use_binaries(os.environ.get("PROFILE_TARGET", os.path.join(bench.ROOT, "target", "release")))
 TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
 
 
