@@ -48,9 +48,6 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// request data.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    /// The request's URI has no scheme or host (a bug in the caller; routes always have both).
-    #[error("the upstream URI has no scheme or host")]
-    NoAuthority,
     /// DNS resolution failed.
     #[error("could not resolve {host}")]
     Resolve {
@@ -217,76 +214,82 @@ impl UpstreamClient {
         }
     }
 
-    /// Sends `request` (absolute URI) and returns the response head, with the lease of its
-    /// HTTP/1.1 connection (`None` over HTTP/2).
+    /// Sends `request` (origin-form URI: path and query) to `target` and returns the response
+    /// head, with the lease of its HTTP/1.1 connection (`None` over HTTP/2).
     pub async fn request(
         &self,
+        target: &Target,
         mut request: Request<ProxyBody>,
     ) -> Result<(Response<Incoming>, Option<Lease>), UpstreamError> {
-        let uri = request.uri().clone();
-        let https = match uri.scheme() {
-            Some(scheme) if *scheme == Scheme::HTTPS => true,
-            Some(scheme) if *scheme == Scheme::HTTP => false,
-            _ => return Err(UpstreamError::NoAuthority),
-        };
-        let authority = uri.authority().ok_or(UpstreamError::NoAuthority)?;
-        let (upstream, mut checkout) = self.pool.find(https, authority);
+        let (upstream, mut checkout) = self.pool.find(target.https, &target.authority);
         let mut resends = 0;
         loop {
             let (sender, reused) = match checkout {
                 Checkout::Ready(sender) => (sender, true),
-                Checkout::Connect { h2_connect: None } => (self.connect(upstream).await?, false),
-                Checkout::Connect {
-                    h2_connect: Some(lock),
-                } => {
-                    let one_at_a_time = lock.lock().await;
-                    match self.pool.check_out(upstream) {
-                        Checkout::Ready(sender) => (sender, true),
-                        Checkout::Connect { h2_connect } => {
-                            if h2_connect.is_none() {
-                                // The first connection said HTTP/1.1, or failed: go parallel.
-                                drop(one_at_a_time);
-                            }
-                            (self.connect(upstream).await?, false)
-                        }
-                    }
+                // Boxed: the states of waiting for the HTTP/2 lock and of connecting (DNS, TCP,
+                // TLS, handshake: several KiB) would otherwise make every request's future, which
+                // is allocated and copied per request, that much larger.
+                Checkout::Connect { h2_connect } => {
+                    Box::pin(self.connect_for(upstream, h2_connect)).await?
                 }
             };
             let may_resend = reused && resends < MAX_RESENDS;
-            let unsent = match sender {
-                Sender::Http1(mut sender) => {
-                    *request.uri_mut() = origin_form(&uri);
+            let mut unsent = match sender {
+                Sender::Http1(mut sender) => match sender.try_send_request(request).await {
+                    Ok(response) => {
+                        let lease = Lease {
+                            pool: Arc::clone(&self.pool),
+                            upstream,
+                            sender,
+                        };
+                        return Ok((response, Some(lease)));
+                    }
+                    Err(e) => unsent_or_error(e, may_resend)?,
+                },
+                Sender::Http2(mut sender) => {
+                    // HTTP/2 carries the scheme and authority as pseudo-headers.
+                    *request.uri_mut() = target.absolute(request.uri());
                     match sender.try_send_request(request).await {
-                        Ok(response) => {
-                            let lease = Lease {
-                                pool: Arc::clone(&self.pool),
-                                upstream,
-                                sender,
-                            };
-                            return Ok((response, Some(lease)));
-                        }
+                        Ok(response) => return Ok((response, None)),
                         Err(e) => unsent_or_error(e, may_resend)?,
                     }
                 }
-                Sender::Http2(mut sender) => match sender.try_send_request(request).await {
-                    Ok(response) => return Ok((response, None)),
-                    Err(e) => unsent_or_error(e, may_resend)?,
-                },
             };
             // A reused connection closed before the request went out: the upstream never saw
             // it, so it is safe to send again on another connection.
             tracing::debug!("pooled upstream connection closed before sending; retrying");
+            *unsent.uri_mut() = origin_form(unsent.uri());
             request = unsent;
-            *request.uri_mut() = uri.clone();
             resends += 1;
             checkout = self.pool.check_out(upstream);
         }
     }
 
+    /// A connection for `upstream` when the pool had none ready, and whether it was pooled:
+    /// after waiting for `h2_connect` (another request is finding out whether the upstream
+    /// speaks HTTP/2) the pool may have one.
+    async fn connect_for(
+        &self,
+        upstream: usize,
+        h2_connect: Option<Arc<tokio::sync::Mutex<()>>>,
+    ) -> Result<(Sender, bool), UpstreamError> {
+        let Some(lock) = h2_connect else {
+            return Ok((self.connect(upstream).await?, false));
+        };
+        let one_at_a_time = lock.lock().await;
+        match self.pool.check_out(upstream) {
+            Checkout::Ready(sender) => Ok((sender, true)),
+            Checkout::Connect { h2_connect } => {
+                if h2_connect.is_none() {
+                    // The first connection said HTTP/1.1, or failed: go parallel.
+                    drop(one_at_a_time);
+                }
+                Ok((self.connect(upstream).await?, false))
+            }
+        }
+    }
+
     /// Opens a connection to `upstream` and notes whether that worked.
-    ///
-    /// Boxed: DNS, TCP, TLS and handshake states are several KiB, and inline they would make
-    /// every request's future (allocated per request) that much larger, connecting or not.
     ///
     /// The connect timeout bounds all of it: DNS, TCP, TLS and the HTTP handshake.
     async fn connect(&self, upstream: usize) -> Result<Sender, UpstreamError> {
@@ -299,7 +302,7 @@ impl UpstreamClient {
         };
         let timeout = self.pool.connect_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
-        let result = tokio::time::timeout_at(deadline, Box::pin(self.open(upstream, deadline)))
+        let result = tokio::time::timeout_at(deadline, self.open(upstream, deadline))
             .await
             .unwrap_or(Err(UpstreamError::ConnectTimeout(timeout)));
         attempt.connected = result.is_ok();
@@ -425,6 +428,40 @@ fn unsent_or_error(
 }
 
 /// `path?query` of `uri`, as HTTP/1.1 sends it to an origin server.
+/// Where requests go: an upstream's scheme and authority (a route's, built once per runtime).
+#[derive(Debug, Clone)]
+pub struct Target {
+    https: bool,
+    scheme: Scheme,
+    authority: Authority,
+}
+
+impl Target {
+    /// The target for `scheme` (`http` or `https`) and `authority`; `None` for other schemes.
+    pub fn new(scheme: &Scheme, authority: &Authority) -> Option<Target> {
+        let https = match scheme.as_str() {
+            "https" => true,
+            "http" => false,
+            _ => return None,
+        };
+        Some(Target {
+            https,
+            scheme: scheme.clone(),
+            authority: authority.clone(),
+        })
+    }
+
+    /// `uri`'s path and query at this target.
+    fn absolute(&self, uri: &Uri) -> Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = uri.path_and_query().cloned();
+        Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+    }
+}
+
+/// `uri` without scheme and authority.
 fn origin_form(uri: &Uri) -> Uri {
     match uri.path_and_query() {
         Some(path) if path.as_str() != "/" => Uri::from(path.clone()),

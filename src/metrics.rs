@@ -96,7 +96,7 @@ pub struct Metrics {
 }
 
 /// Histogram buckets for a proxy: 100 µs doubling to about 26 s.
-fn duration_histogram() -> Histogram {
+pub(crate) fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 19))
 }
 
@@ -201,14 +201,21 @@ impl Metrics {
         }
     }
 
-    /// Creates the zero-valued series of a route, so dashboards see 0 rather than nothing.
-    pub fn register_route(&self, route: &Arc<str>) {
+    /// Creates the zero-valued series of a route, so dashboards see 0 rather than nothing, and
+    /// returns the route's duration histogram: recording through it skips the family's lookup
+    /// (a hash of the labels and a lock) on every request.
+    pub fn register_route(&self, route: &Arc<str>) -> Histogram {
         for kind in ["unreachable", "timeout"] {
             let _ = self.upstream_errors.get_or_create(&UpstreamErrorLabels {
                 route: Arc::clone(route),
                 kind,
             });
         }
+        self.duration
+            .get_or_create(&RouteLabels {
+                route: Arc::clone(route),
+            })
+            .clone()
     }
 
     /// Creates the zero-valued series of an `oauth` credential.

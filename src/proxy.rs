@@ -108,8 +108,8 @@ pub async fn process_request(
         Arc::clone(&conn.activity),
         request_id,
         req.method().clone(),
-        // The path only: query strings may carry secrets and are never logged.
-        req.uri().path().into(),
+        // Only the path is ever logged or shown: query strings may carry secrets.
+        PathOnly(req.uri().clone()),
     );
     let mut response = match proxy(&runtime, &stats, req, conn, &mut record.outcome).await {
         Ok(response) => response,
@@ -122,7 +122,7 @@ pub async fn process_request(
             if let (Some(kind), Some(route)) = (kind, &record.outcome.route) {
                 count_upstream_error(&stats.metrics, route, kind);
             }
-            let (id, method, path) = (&record.request_id, &record.method, &record.path);
+            let (id, method, path) = (&record.request_id, &record.method, record.uri.0.path());
             if matches!(error, ProxyError::RequestBodyStalled(_)) {
                 tracing::debug!(request_id = ?id, %method, %path, "request body stalled; request abandoned");
             } else if kind.is_some() || matches!(error, ProxyError::TokenUnavailable(_)) {
@@ -205,16 +205,7 @@ async fn proxy(
 
     // 5. upstream_request
     let (parts, body) = req.into_parts();
-    let path_and_query = route.upstream_path_and_query(parts.uri.path(), parts.uri.query());
-    let uri = Uri::builder()
-        .scheme(route.scheme.clone())
-        .authority(route.authority.clone())
-        .path_and_query(
-            PathAndQuery::try_from(path_and_query)
-                .map_err(|_| ProxyError::BadRequest("The request target is malformed."))?,
-        )
-        .build()
-        .map_err(|_| ProxyError::BadRequest("The request target is malformed."))?;
+    let uri = upstream_uri(&route, &parts.uri)?;
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     strip_inbound_credentials(&mut headers);
@@ -259,7 +250,7 @@ async fn proxy(
         },
     };
     let method = parts.method;
-    let first = build_request(&method, &uri, headers.clone(), first_body);
+    let first = build_request(method.clone(), uri, headers.clone(), first_body);
 
     // 6. forward
     let (response, lease) = match forward(rt, &route, first, upload.as_deref()).await {
@@ -279,7 +270,8 @@ async fn proxy(
                     drop((response, lease));
                     stats.replays.fetch_add(1, Ordering::Relaxed);
                     headers.insert(header::AUTHORIZATION, fresh.authorization.clone());
-                    let again = build_request(&method, &uri, headers, ProxyBody::full(bytes));
+                    let uri = upstream_uri(&route, &parts.uri)?;
+                    let again = build_request(method, uri, headers, ProxyBody::full(bytes));
                     let answer = forward(rt, &route, again, None).await?;
                     outcome.upstream_status = Some(answer.0.status().as_u16());
                     answer
@@ -403,15 +395,23 @@ fn declared_len(headers: &HeaderMap, body: &Incoming) -> Option<u64> {
     })
 }
 
+/// The origin-form URI (path and query) that `route` sends upstream for the client's `uri`.
+fn upstream_uri(route: &Route, uri: &Uri) -> Result<Uri, ProxyError> {
+    let path_and_query = route.upstream_path_and_query(uri.path(), uri.query());
+    PathAndQuery::try_from(path_and_query)
+        .map(Uri::from)
+        .map_err(|_| ProxyError::BadRequest("The request target is malformed."))
+}
+
 fn build_request(
-    method: &Method,
-    uri: &Uri,
+    method: Method,
+    uri: Uri,
     headers: HeaderMap,
     body: ProxyBody,
 ) -> Request<ProxyBody> {
     let mut request = Request::new(body);
-    *request.method_mut() = method.clone();
-    *request.uri_mut() = uri.clone();
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
     *request.headers_mut() = headers;
     request
 }
@@ -426,7 +426,7 @@ async fn forward(
     request: Request<ProxyBody>,
     upload: Option<&UploadWatch>,
 ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
-    let mut sent = std::pin::pin!(rt.client().request(request));
+    let mut sent = std::pin::pin!(rt.client().request(&route.target, request));
     let mut deadline = tokio::time::Instant::now() + route.timeout;
     loop {
         match tokio::time::timeout_at(deadline, &mut sent).await {
@@ -472,7 +472,7 @@ struct AccessRecord {
     started: Instant,
     request_id: HeaderValue,
     method: Method,
-    path: Box<str>,
+    uri: PathOnly,
     /// 499 (client closed the request, as nginx logs it) until a response exists.
     status: u16,
     outcome: Outcome,
@@ -484,6 +484,16 @@ struct AccessRecord {
     activity: Arc<ConnActivity>,
 }
 
+/// A request's URI of which only the path is shown, in logs and in `Debug` alike: query strings
+/// may carry secrets. It shares the request head's buffer, so keeping it copies nothing.
+struct PathOnly(Uri);
+
+impl std::fmt::Debug for PathOnly {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("PathOnly").field(&self.0.path()).finish()
+    }
+}
+
 /// Logged for a request whose client went away before the response.
 const CLIENT_CLOSED: u16 = 499;
 
@@ -493,7 +503,7 @@ impl AccessRecord {
         activity: Arc<ConnActivity>,
         request_id: HeaderValue,
         method: Method,
-        path: Box<str>,
+        uri: PathOnly,
     ) -> AccessRecord {
         stats.requests.fetch_add(1, Ordering::Relaxed);
         stats.inflight.fetch_add(1, Ordering::Relaxed);
@@ -502,7 +512,7 @@ impl AccessRecord {
             started: Instant::now(),
             request_id,
             method,
-            path,
+            uri,
             status: CLIENT_CLOSED,
             outcome: Outcome::default(),
             bytes: 0,
@@ -519,7 +529,7 @@ impl AccessRecord {
         if let Some(route) = &self.outcome.route {
             count_upstream_error(&self.stats.metrics, route, "timeout");
         }
-        let (id, method, path) = (&self.request_id, &self.method, &self.path);
+        let (id, method, path) = (&self.request_id, &self.method, self.uri.0.path());
         tracing::warn!(request_id = ?id, %method, %path, error = %ErrorChain(error), "response body cut");
     }
 }
@@ -549,16 +559,20 @@ impl Drop for AccessRecord {
                 status: self.status,
             })
             .inc();
-        metrics
-            .duration
-            .get_or_create(&RouteLabels { route: route_label })
-            .observe(elapsed.as_secs_f64());
+        let seconds = elapsed.as_secs_f64();
+        match &self.outcome.route {
+            Some(route) => route.duration.observe(seconds),
+            None => metrics
+                .duration
+                .get_or_create(&RouteLabels { route: route_label })
+                .observe(seconds),
+        }
         let route = self.outcome.route.as_deref();
         crate::logging::log_access(&crate::logging::AccessLine {
             request_id: self.request_id.to_str().unwrap_or("-"),
             client: &client_label,
             method: &self.method,
-            path: &self.path,
+            path: self.uri.0.path(),
             route: route.map_or("-", |r| r.prefix.as_str()),
             credential: route.map_or("-", |r| r.credential.as_str()),
             status: self.status,

@@ -1,7 +1,8 @@
 //! The route table: longest segment-prefix match, path rewrite and path safety.
 //!
 //! Matching probes the path's own segment boundaries from the longest to the shortest in a hash
-//! map, so its cost depends on the depth of the path, not on the number of routes.
+//! map, so its cost depends on the depth of the path, not on the number of routes. Boundaries at
+//! a length no prefix has are skipped without hashing, so a typical request makes one probe.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,7 +12,9 @@ use http::uri::{Authority, Scheme};
 use http::HeaderValue;
 use percent_encoding::percent_decode_str;
 
+use crate::client::Target;
 use crate::config::RouteSettings;
+use prometheus_client::metrics::histogram::Histogram;
 
 /// One route, ready for the hot path.
 #[derive(Debug)]
@@ -24,6 +27,8 @@ pub struct Route {
     pub scheme: Scheme,
     /// Upstream authority (host and port), also the `Host` header sent upstream.
     pub authority: Authority,
+    /// Scheme and authority, as the upstream client takes them.
+    pub target: Target,
     /// Pre-built `Host` header value.
     pub host_header: HeaderValue,
     /// Upstream base path without a trailing slash (`""` for the upstream's root).
@@ -32,6 +37,10 @@ pub struct Route {
     pub credential: String,
     /// Time allowed until the upstream's response headers.
     pub timeout: Duration,
+    /// This route's series of `proxy_request_duration_seconds`, set by `Runtime::build` from
+    /// [`crate::metrics::Metrics::register_route`]. Until then (routes built alone, in tests and
+    /// benchmarks) a histogram that no registry exports.
+    pub duration: Histogram,
 }
 
 impl Route {
@@ -53,16 +62,24 @@ impl Route {
                 settings.prefix
             )
         })?;
+        let target = Target::new(&scheme, &authority).ok_or_else(|| {
+            format!(
+                "route {}: upstream scheme must be http or https",
+                settings.prefix
+            )
+        })?;
         let base_path = settings.upstream.path().trim_end_matches('/').to_owned();
         Ok(Route {
             prefix: settings.prefix.clone(),
             label: Arc::from(settings.prefix.as_str()),
             scheme,
             authority,
+            target,
             host_header,
             base_path,
             credential: settings.credential.clone(),
             timeout: settings.timeout.unwrap_or(default_timeout),
+            duration: crate::metrics::duration_histogram(),
         })
     }
 
@@ -76,9 +93,10 @@ impl Route {
         } else {
             &path[self.prefix.len().min(path.len())..]
         };
-        let mut out = String::with_capacity(
-            self.base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1,
-        );
+        // Exactly the length: a string without spare capacity becomes a `Bytes` (in the URI)
+        // without another allocation.
+        let path_len = (self.base_path.len() + rest.len()).max(1);
+        let mut out = String::with_capacity(path_len + query.map_or(0, |q| q.len() + 1));
         out.push_str(&self.base_path);
         out.push_str(rest);
         if out.is_empty() {
@@ -96,6 +114,8 @@ impl Route {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     by_prefix: HashMap<Box<str>, Arc<Route>>,
+    /// `prefix_lens[n]`: whether some prefix is `n` bytes long.
+    prefix_lens: Box<[bool]>,
     routes: Vec<Arc<Route>>,
 }
 
@@ -103,11 +123,20 @@ impl RouteTable {
     /// Builds the table; prefixes are unique (the config guarantees it).
     pub fn new(routes: Vec<Route>) -> RouteTable {
         let routes: Vec<Arc<Route>> = routes.into_iter().map(Arc::new).collect();
-        let by_prefix = routes
+        let by_prefix: HashMap<Box<str>, Arc<Route>> = routes
             .iter()
             .map(|r| (r.prefix.clone().into_boxed_str(), Arc::clone(r)))
             .collect();
-        RouteTable { by_prefix, routes }
+        let longest = by_prefix.keys().map(|p| p.len()).max().unwrap_or(0);
+        let mut prefix_lens = vec![false; longest + 1].into_boxed_slice();
+        for prefix in by_prefix.keys() {
+            prefix_lens[prefix.len()] = true;
+        }
+        RouteTable {
+            by_prefix,
+            prefix_lens,
+            routes,
+        }
     }
 
     /// Routes in configuration order.
@@ -121,7 +150,8 @@ impl RouteTable {
     pub fn find(&self, path: &str) -> Option<&Arc<Route>> {
         let mut candidate = path;
         loop {
-            if let Some(route) = self.by_prefix.get(candidate) {
+            let probe = self.prefix_lens.get(candidate.len()) == Some(&true);
+            if let Some(route) = probe.then(|| self.by_prefix.get(candidate)).flatten() {
                 return Some(route);
             }
             match candidate.rfind('/') {
@@ -156,6 +186,10 @@ const DECODE_ROUNDS: usize = 3;
 pub fn check_path(path: &str) -> Result<(), PathError> {
     if !path.starts_with('/') {
         return Err(PathError::NotAbsolute);
+    }
+    // Without a '.' there is no dot segment, and without a '%' nothing decodes into one.
+    if !path.bytes().any(|b| b == b'.' || b == b'%') {
+        return Ok(());
     }
     let mut current = std::borrow::Cow::Borrowed(path);
     for _ in 0..DECODE_ROUNDS {

@@ -89,14 +89,14 @@ impl Runtime {
             credentials.insert(name.to_owned(), credential);
         }
 
-        let routes = config
+        let mut routes = config
             .routes
             .iter()
             .map(|r| Route::new(r, server.request_timeout))
             .collect::<Result<Vec<_>, _>>()
             .map_err(BuildError)?;
-        for route in &routes {
-            metrics.register_route(&route.label);
+        for route in &mut routes {
+            route.duration = metrics.register_route(&route.label);
         }
         for name in credentials.keys() {
             if matches!(credentials.get(name), Some(Credential::OAuth(_))) {

@@ -45,6 +45,9 @@ static INBOUND_CREDENTIALS: [HeaderName; 3] = [
 
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !any_of(headers, &HOP_BY_HOP) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -57,14 +60,25 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
+    remove_all(headers, &HOP_BY_HOP);
 }
 
 /// Removes every inbound credential header.
 pub fn strip_inbound_credentials(headers: &mut HeaderMap) {
-    for name in &INBOUND_CREDENTIALS {
+    if any_of(headers, &INBOUND_CREDENTIALS) {
+        remove_all(headers, &INBOUND_CREDENTIALS);
+    }
+}
+
+/// Whether any of `names` is present. Most messages carry none of them, and one pass over the
+/// few names present (comparisons, mostly of standard-header tags) is much cheaper than hashing
+/// every candidate for a `remove`.
+fn any_of(headers: &HeaderMap, names: &[HeaderName]) -> bool {
+    headers.keys().any(|present| names.contains(present))
+}
+
+fn remove_all(headers: &mut HeaderMap, names: &[HeaderName]) {
+    for name in names {
         headers.remove(name);
     }
 }
