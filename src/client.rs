@@ -216,52 +216,58 @@ impl UpstreamClient {
 
     /// Sends `request` (origin-form URI: path and query) to `target` and returns the response
     /// head, with the lease of its HTTP/1.1 connection (`None` over HTTP/2).
-    pub async fn request(
-        &self,
-        target: &Target,
+    // Not an `async fn`: that would store `request` twice in every request's future (see
+    // `proxy::process_request`).
+    #[allow(clippy::manual_async_fn)]
+    pub fn request<'a>(
+        &'a self,
+        target: &'a Target,
         mut request: Request<ProxyBody>,
-    ) -> Result<(Response<Incoming>, Option<Lease>), UpstreamError> {
-        let (upstream, mut checkout) = self.pool.find(target.https, &target.authority);
-        let mut resends = 0;
-        loop {
-            let (sender, reused) = match checkout {
-                Checkout::Ready(sender) => (sender, true),
-                // Boxed: the states of waiting for the HTTP/2 lock and of connecting (DNS, TCP,
-                // TLS, handshake: several KiB) would otherwise make every request's future, which
-                // is allocated and copied per request, that much larger.
-                Checkout::Connect { h2_connect } => {
-                    Box::pin(self.connect_for(upstream, h2_connect)).await?
-                }
-            };
-            let may_resend = reused && resends < MAX_RESENDS;
-            let mut unsent = match sender {
-                Sender::Http1(mut sender) => match sender.try_send_request(request).await {
-                    Ok(response) => {
-                        let lease = Lease {
-                            pool: Arc::clone(&self.pool),
-                            upstream,
-                            sender,
-                        };
-                        return Ok((response, Some(lease)));
+    ) -> impl std::future::Future<Output = Result<(Response<Incoming>, Option<Lease>), UpstreamError>> + 'a
+    {
+        async move {
+            let (upstream, mut checkout) = self.pool.find(target.https, &target.authority);
+            let mut resends = 0;
+            loop {
+                let (sender, reused) = match checkout {
+                    Checkout::Ready(sender) => (sender, true),
+                    // Boxed: the states of waiting for the HTTP/2 lock and of connecting (DNS, TCP,
+                    // TLS, handshake: several KiB) would otherwise make every request's future, which
+                    // is allocated and copied per request, that much larger.
+                    Checkout::Connect { h2_connect } => {
+                        Box::pin(self.connect_for(upstream, h2_connect)).await?
                     }
-                    Err(e) => unsent_or_error(e, may_resend)?,
-                },
-                Sender::Http2(mut sender) => {
-                    // HTTP/2 carries the scheme and authority as pseudo-headers.
-                    *request.uri_mut() = target.absolute(request.uri());
-                    match sender.try_send_request(request).await {
-                        Ok(response) => return Ok((response, None)),
+                };
+                let may_resend = reused && resends < MAX_RESENDS;
+                let mut unsent = match sender {
+                    Sender::Http1(mut sender) => match sender.try_send_request(request).await {
+                        Ok(response) => {
+                            let lease = Lease {
+                                pool: Arc::clone(&self.pool),
+                                upstream,
+                                sender,
+                            };
+                            return Ok((response, Some(lease)));
+                        }
                         Err(e) => unsent_or_error(e, may_resend)?,
+                    },
+                    Sender::Http2(mut sender) => {
+                        // HTTP/2 carries the scheme and authority as pseudo-headers.
+                        *request.uri_mut() = target.absolute(request.uri());
+                        match sender.try_send_request(request).await {
+                            Ok(response) => return Ok((response, None)),
+                            Err(e) => unsent_or_error(e, may_resend)?,
+                        }
                     }
-                }
-            };
-            // A reused connection closed before the request went out: the upstream never saw
-            // it, so it is safe to send again on another connection.
-            tracing::debug!("pooled upstream connection closed before sending; retrying");
-            *unsent.uri_mut() = origin_form(unsent.uri());
-            request = unsent;
-            resends += 1;
-            checkout = self.pool.check_out(upstream);
+                };
+                // A reused connection closed before the request went out: the upstream never saw
+                // it, so it is safe to send again on another connection.
+                tracing::debug!("pooled upstream connection closed before sending; retrying");
+                *unsent.uri_mut() = origin_form(unsent.uri());
+                request = unsent;
+                resends += 1;
+                checkout = self.pool.check_out(upstream);
+            }
         }
     }
 

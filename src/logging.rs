@@ -474,8 +474,10 @@ impl FastFields<'_> {
 /// Whether `s` is written as it is between quotes, by `Debug` and by JSON alike: printable
 /// ASCII without quotes or backslashes.
 fn plain(s: &str) -> bool {
-    s.bytes()
-        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    // A fold without an early exit, which the compiler vectorises.
+    s.bytes().fold(true, |plain, b| {
+        plain & (0x20..0x7f).contains(&b) & (b != b'"') & (b != b'\\')
+    })
 }
 
 impl Visit for FastFields<'_> {
@@ -494,7 +496,7 @@ impl Visit for FastFields<'_> {
     fn record_u64(&mut self, field: &Field, value: u64) {
         if self.handled {
             self.name(field);
-            self.line.push_str(itoa(value, &mut [0; 20]));
+            push_decimal(self.line, value, 0);
         }
     }
 
@@ -578,29 +580,25 @@ fn timestamp(line: &mut String, now: std::time::SystemTime) {
     }
     line.push_str(std::str::from_utf8(&text).unwrap_or("1970-01-01T00:00:00"));
     line.push('.');
-    // Six digits with leading zeros: the digits of 1,000,000 + µs after the leading 1.
-    let mut digits = [0; 20];
-    let micros = itoa(
-        u64::from(since_epoch.subsec_micros()) + 1_000_000,
-        &mut digits,
-    );
-    line.push_str(&micros[1..]);
+    push_decimal(line, u64::from(since_epoch.subsec_micros()), 6);
     line.push('Z');
 }
 
-/// `value` in decimal, in `buf`.
-fn itoa(mut value: u64, buf: &mut [u8; 20]) -> &str {
+/// Appends `value` in decimal, with leading zeros up to `width` digits (at most 20).
+fn push_decimal(line: &mut String, mut value: u64, width: usize) {
+    let mut buf = [0u8; 20];
+    let stop = buf.len() - width.min(buf.len());
     let mut at = buf.len();
     loop {
         at -= 1;
         buf[at] = b'0' + (value % 10) as u8;
         value /= 10;
-        if value == 0 {
+        if value == 0 && at <= stop {
             break;
         }
     }
-    // Only ASCII digits were written.
-    std::str::from_utf8(&buf[at..]).unwrap_or("0")
+    // ASCII digits, appended as chars: no UTF-8 check of the slice.
+    line.extend(buf[at..].iter().map(|&digit| char::from(digit)));
 }
 
 #[cfg(test)]
@@ -738,7 +736,11 @@ mod tests {
     #[test]
     fn integers_are_written_in_decimal() {
         for n in [0, 7, 10, 38, 1234, 99_999, u64::MAX] {
-            assert_eq!(itoa(n, &mut [0; 20]), n.to_string());
+            for width in [0, 1, 6, 20, 30] {
+                let mut line = String::from("x");
+                push_decimal(&mut line, n, width);
+                assert_eq!(line, format!("x{n:0width$}", width = width.min(20)));
+            }
         }
     }
 }

@@ -18,6 +18,8 @@
 //! direction delivers no bytes ([`PeerBody`]). A stalled body is cut; a slow but steady one is
 //! not.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -91,13 +93,14 @@ struct Outcome {
     upstream_status: Option<u16>,
 }
 
-/// Handles one request end to end; never fails, errors become JSON responses.
-pub async fn process_request(
+/// Handles one request end to end; never fails (errors become JSON responses), hence the
+/// `Infallible`, which hyper's service takes as it is.
+pub fn process_request(
     runtime: Arc<Runtime>,
     stats: Arc<PipelineStats>,
     mut req: Request<Incoming>,
     conn: ConnInfo,
-) -> Response<TrackedBody> {
+) -> impl Future<Output = Result<Response<TrackedBody>, Infallible>> {
     let request_id = request_id(req.headers());
     req.headers_mut()
         .insert(X_REQUEST_ID.clone(), request_id.clone());
@@ -111,197 +114,210 @@ pub async fn process_request(
         // Only the path is ever logged or shown: query strings may carry secrets.
         PathOnly(req.uri().clone()),
     );
-    let mut response = match proxy(&runtime, &stats, req, conn, &mut record.outcome).await {
-        Ok(response) => response,
-        Err(error) => {
-            let kind = match &error {
-                ProxyError::UpstreamUnreachable(_) => Some("unreachable"),
-                ProxyError::UpstreamTimeout(_) => Some("timeout"),
-                _ => None,
-            };
-            if let (Some(kind), Some(route)) = (kind, &record.outcome.route) {
-                count_upstream_error(&stats.metrics, route, kind);
+    // Not an `async fn`: that would store its arguments twice in the future (the state they are
+    // moved into, and the locals its body works on), and the future is allocated and copied
+    // per request. The record is made before the first poll, as it was at the first poll.
+    async move {
+        let mut response = match proxy(&runtime, &stats, req, conn, &mut record.outcome).await {
+            Ok(response) => response,
+            Err(error) => {
+                let kind = match &error {
+                    ProxyError::UpstreamUnreachable(_) => Some("unreachable"),
+                    ProxyError::UpstreamTimeout(_) => Some("timeout"),
+                    _ => None,
+                };
+                if let (Some(kind), Some(route)) = (kind, &record.outcome.route) {
+                    count_upstream_error(&stats.metrics, route, kind);
+                }
+                let (id, method, path) = (&record.request_id, &record.method, record.uri.0.path());
+                if matches!(error, ProxyError::RequestBodyStalled(_)) {
+                    tracing::debug!(request_id = ?id, %method, %path, "request body stalled; request abandoned");
+                } else if kind.is_some() || matches!(error, ProxyError::TokenUnavailable(_)) {
+                    tracing::warn!(request_id = ?id, %method, %path, error = %ErrorChain(&error), "request failed");
+                } else {
+                    tracing::debug!(request_id = ?id, %method, %path, error = %ErrorChain(&error), "request refused");
+                }
+                error.into_response()
             }
-            let (id, method, path) = (&record.request_id, &record.method, record.uri.0.path());
-            if matches!(error, ProxyError::RequestBodyStalled(_)) {
-                tracing::debug!(request_id = ?id, %method, %path, "request body stalled; request abandoned");
-            } else if kind.is_some() || matches!(error, ProxyError::TokenUnavailable(_)) {
-                tracing::warn!(request_id = ?id, %method, %path, error = %ErrorChain(&error), "request failed");
-            } else {
-                tracing::debug!(request_id = ?id, %method, %path, error = %ErrorChain(&error), "request refused");
-            }
-            error.into_response()
-        }
-    };
-    response
-        .headers_mut()
-        .insert(X_REQUEST_ID.clone(), record.request_id.clone());
-    record.status = response.status().as_u16();
-    response.map(|inner| TrackedBody { inner, record })
+        };
+        response
+            .headers_mut()
+            .insert(X_REQUEST_ID.clone(), record.request_id.clone());
+        record.status = response.status().as_u16();
+        Ok(response.map(|inner| TrackedBody { inner, record }))
+    }
 }
 
-async fn proxy(
-    rt: &Runtime,
-    stats: &PipelineStats,
+// Not an `async fn`, for the reason given in `process_request`.
+#[allow(clippy::manual_async_fn)]
+fn proxy<'a>(
+    rt: &'a Runtime,
+    stats: &'a PipelineStats,
     mut req: Request<Incoming>,
     conn: ConnInfo,
-    outcome: &mut Outcome,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    // 1. request_filter. Ordering: method before path, so `CONNECT host:443` is 405, not 400.
-    if req.method() == Method::CONNECT {
-        return Err(ProxyError::MethodNotAllowed);
-    }
-    // Body framing is settled by hyper before this point: conflicting Content-Lengths and
-    // unknown codings are 400s; Content-Length beside Transfer-Encoding is dropped (RFC 9112
-    // section 6.1) and the connection closes after the response. The forwarded request is
-    // re-framed from the body alone, so the upstream never sees two framings.
-    check_path(req.uri().path()).map_err(|e| {
-        ProxyError::BadRequest(match e {
-            PathError::NotAbsolute => "The request path must start with '/'.",
-            PathError::DotSegment => "The request path must not contain '.' or '..' segments.",
-            PathError::ControlCharacter => {
-                "The request path must not contain encoded control characters."
-            }
-        })
-    })?;
-
-    // 2. inbound_auth. The local token endpoint authenticates by its body.
-    if let Some(clients) = &rt.clients {
-        if rt.token_endpoint.as_deref() == Some(req.uri().path()) {
-            return local_token_endpoint(clients, req, rt.config.server.request_timeout).await;
+    outcome: &'a mut Outcome,
+) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'a {
+    async move {
+        // 1. request_filter. Ordering: method before path, so `CONNECT host:443` is 405, not 400.
+        if req.method() == Method::CONNECT {
+            return Err(ProxyError::MethodNotAllowed);
         }
-        let identity = clients
-            .authenticate(req.headers())
-            .map_err(|_| ProxyError::Unauthorized)?;
-        outcome.client = Some(Arc::clone(&identity.name));
-        req.extensions_mut().insert(identity);
-    }
-
-    // 3. route
-    let route = Arc::clone(
-        rt.routes
-            .find(req.uri().path())
-            .ok_or(ProxyError::NoRoute)?,
-    );
-    outcome.route = Some(Arc::clone(&route));
-    if let Some(identity) = req.extensions().get::<Arc<ClientIdentity>>() {
-        if !identity.may_use(&route.prefix) {
-            return Err(ProxyError::Forbidden);
-        }
-    }
-
-    // 4. credential
-    let credential = rt
-        .credential(&route.credential)
-        .ok_or(ProxyError::NoRoute)?;
-    let (token, auth_name, auth_value) = match credential {
-        Credential::OAuth(c) => {
-            let token = c.token().await.map_err(ProxyError::TokenUnavailable)?;
-            let value = token.authorization.clone();
-            (Some(token), header::AUTHORIZATION, value)
-        }
-        Credential::Header { name, value } => (None, name.clone(), value.clone()),
-    };
-
-    // 5. upstream_request
-    let (parts, body) = req.into_parts();
-    let uri = upstream_uri(&route, &parts.uri)?;
-    let mut headers = parts.headers;
-    strip_hop_by_hop(&mut headers);
-    strip_inbound_credentials(&mut headers);
-    let original_host = headers.insert(header::HOST, route.host_header.clone());
-    if rt.forwarded_headers {
-        add_forwarded_headers(
-            &mut headers,
-            &conn,
-            original_host.or_else(|| {
-                // HTTP/2 carries the host in :authority.
-                parts
-                    .uri
-                    .authority()
-                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            }),
-        );
-    }
-    headers.insert(auth_name, auth_value);
-
-    // Bodies are read ahead up to `replay_body_limit`: a small one is checked whole (bad
-    // chunking or a short body is refused before anything is sent) and kept for a replay after
-    // a 401; a larger one streams (after what was read, when its length was not declared),
-    // watched so that its end starts the wait for the upstream's answer.
-    let (replay, first_body, upload) = match declared_len(&headers, &body) {
-        Some(len) if len > rt.replay_body_limit => {
-            let (body, watch) = PeerBody::new(body, route.timeout).watched();
-            (None, ProxyBody::Streamed(body), Some(watch))
-        }
-        _ if body.is_end_stream() => (Some(Bytes::new()), ProxyBody::Empty, None),
-        _ => match read_ahead(PeerBody::new(body, route.timeout), rt.replay_body_limit).await {
-            Ok(ReadAhead::Complete(bytes)) => (Some(bytes.clone()), ProxyBody::full(bytes), None),
-            Ok(ReadAhead::Partial { head, rest }) => {
-                let (rest, watch) = rest.watched();
-                (None, ProxyBody::Prefixed { head, rest }, Some(watch))
-            }
-            Err(BodyError::Idle(_)) => return Err(ProxyError::RequestBodyStalled(route.timeout)),
-            Err(BodyError::Peer(_)) => {
-                return Err(ProxyError::BadRequest(
-                    "The request body is malformed or incomplete.",
-                ))
-            }
-        },
-    };
-    let method = parts.method;
-    let first = build_request(method.clone(), uri, headers.clone(), first_body);
-
-    // 6. forward
-    let (response, lease) = match forward(rt, &route, first, upload.as_deref()).await {
-        Ok(answer) => answer,
-        Err(_) if upload.as_deref().is_some_and(UploadWatch::stalled) => {
-            return Err(ProxyError::RequestBodyStalled(route.timeout))
-        }
-        Err(error) => return Err(error),
-    };
-    outcome.upstream_status = Some(response.status().as_u16());
-
-    // 7. upstream_401
-    let (response, lease) = match (response.status(), credential, token, replay) {
-        (StatusCode::UNAUTHORIZED, Credential::OAuth(c), Some(used), Some(bytes)) => {
-            match fresh_token(c, &used).await {
-                Some(fresh) => {
-                    drop((response, lease));
-                    stats.replays.fetch_add(1, Ordering::Relaxed);
-                    headers.insert(header::AUTHORIZATION, fresh.authorization.clone());
-                    let uri = upstream_uri(&route, &parts.uri)?;
-                    let again = build_request(method, uri, headers, ProxyBody::full(bytes));
-                    let answer = forward(rt, &route, again, None).await?;
-                    outcome.upstream_status = Some(answer.0.status().as_u16());
-                    answer
+        // Body framing is settled by hyper before this point: conflicting Content-Lengths and
+        // unknown codings are 400s; Content-Length beside Transfer-Encoding is dropped (RFC 9112
+        // section 6.1) and the connection closes after the response. The forwarded request is
+        // re-framed from the body alone, so the upstream never sees two framings.
+        check_path(req.uri().path()).map_err(|e| {
+            ProxyError::BadRequest(match e {
+                PathError::NotAbsolute => "The request path must start with '/'.",
+                PathError::DotSegment => "The request path must not contain '.' or '..' segments.",
+                PathError::ControlCharacter => {
+                    "The request path must not contain encoded control characters."
                 }
-                None => (response, lease),
-            }
-        }
-        (StatusCode::UNAUTHORIZED, Credential::OAuth(c), Some(used), None) => {
-            // Not replayable, but the token may still be bad: let the next request get a
-            // fresh one (within the forced-refresh limit).
-            c.invalidate(&used);
-            (response, lease)
-        }
-        _ => (response, lease),
-    };
+            })
+        })?;
 
-    // 8. response_filter
-    let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    if rt.rewrite_location {
-        if let Some(location) = parts.headers.get(header::LOCATION) {
-            if let Some(rewritten) = rewrite_location(&route, location) {
-                parts.headers.insert(header::LOCATION, rewritten);
+        // 2. inbound_auth. The local token endpoint authenticates by its body.
+        if let Some(clients) = &rt.clients {
+            if rt.token_endpoint.as_deref() == Some(req.uri().path()) {
+                return local_token_endpoint(clients, req, rt.config.server.request_timeout).await;
+            }
+            let identity = clients
+                .authenticate(req.headers())
+                .map_err(|_| ProxyError::Unauthorized)?;
+            outcome.client = Some(Arc::clone(&identity.name));
+            req.extensions_mut().insert(identity);
+        }
+
+        // 3. route
+        let route = Arc::clone(
+            rt.routes
+                .find(req.uri().path())
+                .ok_or(ProxyError::NoRoute)?,
+        );
+        outcome.route = Some(Arc::clone(&route));
+        if let Some(identity) = req.extensions().get::<Arc<ClientIdentity>>() {
+            if !identity.may_use(&route.prefix) {
+                return Err(ProxyError::Forbidden);
             }
         }
+
+        // 4. credential
+        let credential = rt
+            .credential(&route.credential)
+            .ok_or(ProxyError::NoRoute)?;
+        let (token, auth_name, auth_value) = match credential {
+            Credential::OAuth(c) => {
+                let token = c.token().await.map_err(ProxyError::TokenUnavailable)?;
+                let value = token.authorization.clone();
+                (Some(token), header::AUTHORIZATION, value)
+            }
+            Credential::Header { name, value } => (None, name.clone(), value.clone()),
+        };
+
+        // 5. upstream_request
+        let (parts, body) = req.into_parts();
+        let uri = upstream_uri(&route, &parts.uri)?;
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        strip_inbound_credentials(&mut headers);
+        let original_host = headers.insert(header::HOST, route.host_header.clone());
+        if rt.forwarded_headers {
+            add_forwarded_headers(
+                &mut headers,
+                &conn,
+                original_host.or_else(|| {
+                    // HTTP/2 carries the host in :authority.
+                    parts
+                        .uri
+                        .authority()
+                        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                }),
+            );
+        }
+        headers.insert(auth_name, auth_value);
+
+        // Bodies are read ahead up to `replay_body_limit`: a small one is checked whole (bad
+        // chunking or a short body is refused before anything is sent) and kept for a replay after
+        // a 401; a larger one streams (after what was read, when its length was not declared),
+        // watched so that its end starts the wait for the upstream's answer.
+        let (replay, first_body, upload) = match declared_len(&headers, &body) {
+            Some(len) if len > rt.replay_body_limit => {
+                let (body, watch) = PeerBody::new(body, route.timeout).watched();
+                (None, ProxyBody::Streamed(body), Some(watch))
+            }
+            _ if body.is_end_stream() => (Some(Bytes::new()), ProxyBody::Empty, None),
+            _ => match read_ahead(PeerBody::new(body, route.timeout), rt.replay_body_limit).await {
+                Ok(ReadAhead::Complete(bytes)) => {
+                    (Some(bytes.clone()), ProxyBody::full(bytes), None)
+                }
+                Ok(ReadAhead::Partial { head, rest }) => {
+                    let (rest, watch) = rest.watched();
+                    (None, ProxyBody::Prefixed { head, rest }, Some(watch))
+                }
+                Err(BodyError::Idle(_)) => {
+                    return Err(ProxyError::RequestBodyStalled(route.timeout))
+                }
+                Err(BodyError::Peer(_)) => {
+                    return Err(ProxyError::BadRequest(
+                        "The request body is malformed or incomplete.",
+                    ))
+                }
+            },
+        };
+        let method = parts.method;
+        let first = build_request(method.clone(), uri, headers.clone(), first_body);
+
+        // 6. forward
+        let (response, lease) = match forward(rt, &route, first, upload.as_deref()).await {
+            Ok(answer) => answer,
+            Err(_) if upload.as_deref().is_some_and(UploadWatch::stalled) => {
+                return Err(ProxyError::RequestBodyStalled(route.timeout))
+            }
+            Err(error) => return Err(error),
+        };
+        outcome.upstream_status = Some(response.status().as_u16());
+
+        // 7. upstream_401
+        let (response, lease) = match (response.status(), credential, token, replay) {
+            (StatusCode::UNAUTHORIZED, Credential::OAuth(c), Some(used), Some(bytes)) => {
+                match fresh_token(c, &used).await {
+                    Some(fresh) => {
+                        drop((response, lease));
+                        stats.replays.fetch_add(1, Ordering::Relaxed);
+                        headers.insert(header::AUTHORIZATION, fresh.authorization.clone());
+                        let uri = upstream_uri(&route, &parts.uri)?;
+                        let again = build_request(method, uri, headers, ProxyBody::full(bytes));
+                        let answer = forward(rt, &route, again, None).await?;
+                        outcome.upstream_status = Some(answer.0.status().as_u16());
+                        answer
+                    }
+                    None => (response, lease),
+                }
+            }
+            (StatusCode::UNAUTHORIZED, Credential::OAuth(c), Some(used), None) => {
+                // Not replayable, but the token may still be bad: let the next request get a
+                // fresh one (within the forced-refresh limit).
+                c.invalidate(&used);
+                (response, lease)
+            }
+            _ => (response, lease),
+        };
+
+        // 8. response_filter
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if rt.rewrite_location {
+            if let Some(location) = parts.headers.get(header::LOCATION) {
+                if let Some(rewritten) = rewrite_location(&route, location) {
+                    parts.headers.insert(header::LOCATION, rewritten);
+                }
+            }
+        }
+        Ok(Response::from_parts(
+            parts,
+            ProxyBody::Streamed(PeerBody::new(body, route.timeout).releasing(lease)),
+        ))
     }
-    Ok(Response::from_parts(
-        parts,
-        ProxyBody::Streamed(PeerBody::new(body, route.timeout).releasing(lease)),
-    ))
 }
 
 /// `proxy_upstream_errors_total{route, kind}` + 1.
@@ -420,28 +436,32 @@ fn build_request(
 /// the lease of its pooled connection (see [`PeerBody::releasing`]). While a streamed
 /// request body is still moving, the wait runs from its last bytes (the upstream answers once it
 /// has the whole body); while it waits on the client, the body's own idle timer decides.
-async fn forward(
-    rt: &Runtime,
-    route: &Route,
+// Not an `async fn`, for the reason given in `process_request`.
+#[allow(clippy::manual_async_fn)]
+fn forward<'a>(
+    rt: &'a Runtime,
+    route: &'a Route,
     request: Request<ProxyBody>,
-    upload: Option<&UploadWatch>,
-) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
-    let mut sent = std::pin::pin!(rt.client().request(&route.target, request));
-    let mut deadline = tokio::time::Instant::now() + route.timeout;
-    loop {
-        match tokio::time::timeout_at(deadline, &mut sent).await {
-            Ok(Ok(response)) => return Ok(response),
-            Ok(Err(e)) => return Err(ProxyError::UpstreamUnreachable(Box::new(e))),
-            Err(_) => {
-                let now = tokio::time::Instant::now();
-                deadline = match upload {
-                    Some(upload) if upload.waiting_on_client() => now + route.timeout,
-                    Some(upload) if upload.last_progress() + route.timeout > now => {
-                        upload.last_progress() + route.timeout
-                    }
-                    // No upload, or one the upstream stopped reading.
-                    _ => return Err(ProxyError::UpstreamTimeout(route.timeout)),
-                };
+    upload: Option<&'a UploadWatch>,
+) -> impl Future<Output = Result<(Response<Incoming>, Option<Lease>), ProxyError>> + 'a {
+    async move {
+        let mut sent = std::pin::pin!(rt.client().request(&route.target, request));
+        let mut deadline = tokio::time::Instant::now() + route.timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, &mut sent).await {
+                Ok(Ok(response)) => return Ok(response),
+                Ok(Err(e)) => return Err(ProxyError::UpstreamUnreachable(Box::new(e))),
+                Err(_) => {
+                    let now = tokio::time::Instant::now();
+                    deadline = match upload {
+                        Some(upload) if upload.waiting_on_client() => now + route.timeout,
+                        Some(upload) if upload.last_progress() + route.timeout > now => {
+                            upload.last_progress() + route.timeout
+                        }
+                        // No upload, or one the upstream stopped reading.
+                        _ => return Err(ProxyError::UpstreamTimeout(route.timeout)),
+                    };
+                }
             }
         }
     }
@@ -634,5 +654,27 @@ impl Drop for TrackedBody {
     fn drop(&mut self) {
         // The record's own `Drop` (right after this) writes the line.
         self.record.complete = self.inner.is_end_stream();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future that `f`'s call returns, without calling it.
+    fn future_size<A, B, C, D, F: Future>(_: impl FnOnce(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every request's future is allocated and copied once (hyper's service future is boxed, see
+    /// `server::Connection::serve`), and where its big states sit decides which heap pages
+    /// idle connections touch (BENCHMARKS.md, finding 6). It was 4,336 bytes before the
+    /// pipeline's functions stopped storing their arguments twice, 3,120 after. Growing past the
+    /// budget is worth a look with `profile.sh --instructions` and the idle probe.
+    #[test]
+    fn the_request_future_stays_within_its_budget() {
+        let size = future_size(process_request);
+        eprintln!("request future: {size} bytes");
+        assert!(size <= 3_584, "the request future grew to {size} bytes");
     }
 }

@@ -516,9 +516,7 @@ impl Connection {
             let info = info.clone();
             let fut: std::pin::Pin<
                 Box<dyn std::future::Future<Output = Result<_, Infallible>> + Send>,
-            > = Box::pin(async move {
-                Ok::<_, Infallible>(process_request(runtime, stats, req, info).await)
-            });
+            > = Box::pin(process_request(runtime, stats, req, info));
             fut
         });
         let watch = Watch {
