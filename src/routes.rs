@@ -154,7 +154,8 @@ impl RouteTable {
             if let Some(route) = probe.then(|| self.by_prefix.get(candidate)).flatten() {
                 return Some(route);
             }
-            match candidate.rfind('/') {
+            // A byte scan: `str::rfind` with a `char` goes through the general searcher.
+            match candidate.bytes().rposition(|b| b == b'/') {
                 Some(0) | None => return self.by_prefix.get("/"),
                 Some(i) => candidate = &candidate[..i],
             }
