@@ -764,7 +764,7 @@ def main():
         if "idle_10k" in wanted:
             probes["idle_10k"] = probe_idle(env, emulator, 10_000)
         if "refresh" in wanted:
-            probes["refresh"] = probe_refresh(env, emulator, 20, 1 if a.quick else 3, a.conns)
+            probes["refresh"] = probe_refresh(env, emulator, 20, 1 if a.quick else 5, a.conns)
         stop(proxy)
         report = {
             "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
