@@ -433,7 +433,6 @@ fn unsent_or_error(
     }
 }
 
-/// `path?query` of `uri`, as HTTP/1.1 sends it to an origin server.
 /// Where requests go: an upstream's scheme and authority (a route's, built once per runtime).
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -467,7 +466,7 @@ impl Target {
     }
 }
 
-/// `uri` without scheme and authority.
+/// `path?query` of `uri`, as HTTP/1.1 sends it to an origin server.
 fn origin_form(uri: &Uri) -> Uri {
     match uri.path_and_query() {
         Some(path) if path.as_str() != "/" => Uri::from(path.clone()),

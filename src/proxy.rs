@@ -111,12 +111,15 @@ pub fn process_request(
         Arc::clone(&conn.activity),
         request_id,
         req.method().clone(),
-        // Only the path is ever logged or shown: query strings may carry secrets.
-        PathOnly(req.uri().clone()),
+        // The path only: query strings may carry secrets and are never logged. A copy, because
+        // the request's `Uri` shares the buffer its head was read into (HTTP/1.1) or decoded
+        // into (HTTP/2), which the record would otherwise keep until the response ends.
+        req.uri().path().into(),
     );
     // Not an `async fn`: that would store its arguments twice in the future (the state they are
     // moved into, and the locals its body works on), and the future is allocated and copied
-    // per request. The record is made before the first poll, as it was at the first poll.
+    // per request. So the record above is made when hyper calls the service, just before the
+    // first poll (a future dropped unpolled still logs its request, as 499).
     async move {
         let mut response = match proxy(&runtime, &stats, req, conn, &mut record.outcome).await {
             Ok(response) => response,
@@ -129,7 +132,7 @@ pub fn process_request(
                 if let (Some(kind), Some(route)) = (kind, &record.outcome.route) {
                     count_upstream_error(&stats.metrics, route, kind);
                 }
-                let (id, method, path) = (&record.request_id, &record.method, record.uri.0.path());
+                let (id, method, path) = (&record.request_id, &record.method, &record.path);
                 if matches!(error, ProxyError::RequestBodyStalled(_)) {
                     tracing::debug!(request_id = ?id, %method, %path, "request body stalled; request abandoned");
                 } else if kind.is_some() || matches!(error, ProxyError::TokenUnavailable(_)) {
@@ -492,7 +495,7 @@ struct AccessRecord {
     started: Instant,
     request_id: HeaderValue,
     method: Method,
-    uri: PathOnly,
+    path: Box<str>,
     /// 499 (client closed the request, as nginx logs it) until a response exists.
     status: u16,
     outcome: Outcome,
@@ -504,16 +507,6 @@ struct AccessRecord {
     activity: Arc<ConnActivity>,
 }
 
-/// A request's URI of which only the path is shown, in logs and in `Debug` alike: query strings
-/// may carry secrets. It shares the request head's buffer, so keeping it copies nothing.
-struct PathOnly(Uri);
-
-impl std::fmt::Debug for PathOnly {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("PathOnly").field(&self.0.path()).finish()
-    }
-}
-
 /// Logged for a request whose client went away before the response.
 const CLIENT_CLOSED: u16 = 499;
 
@@ -523,7 +516,7 @@ impl AccessRecord {
         activity: Arc<ConnActivity>,
         request_id: HeaderValue,
         method: Method,
-        uri: PathOnly,
+        path: Box<str>,
     ) -> AccessRecord {
         stats.requests.fetch_add(1, Ordering::Relaxed);
         stats.inflight.fetch_add(1, Ordering::Relaxed);
@@ -532,7 +525,7 @@ impl AccessRecord {
             started: Instant::now(),
             request_id,
             method,
-            uri,
+            path,
             status: CLIENT_CLOSED,
             outcome: Outcome::default(),
             bytes: 0,
@@ -549,7 +542,7 @@ impl AccessRecord {
         if let Some(route) = &self.outcome.route {
             count_upstream_error(&self.stats.metrics, route, "timeout");
         }
-        let (id, method, path) = (&self.request_id, &self.method, self.uri.0.path());
+        let (id, method, path) = (&self.request_id, &self.method, &self.path);
         tracing::warn!(request_id = ?id, %method, %path, error = %ErrorChain(error), "response body cut");
     }
 }
@@ -592,7 +585,7 @@ impl Drop for AccessRecord {
             request_id: self.request_id.to_str().unwrap_or("-"),
             client: &client_label,
             method: &self.method,
-            path: self.uri.0.path(),
+            path: &self.path,
             route: route.map_or("-", |r| r.prefix.as_str()),
             credential: route.map_or("-", |r| r.credential.as_str()),
             status: self.status,

@@ -156,7 +156,10 @@ impl RouteTable {
             }
             // A byte scan: `str::rfind` with a `char` goes through the general searcher.
             match candidate.bytes().rposition(|b| b == b'/') {
-                Some(0) | None => return self.by_prefix.get("/"),
+                Some(0) | None => {
+                    let root = self.prefix_lens.get(1) == Some(&true);
+                    return root.then(|| self.by_prefix.get("/")).flatten();
+                }
                 Some(i) => candidate = &candidate[..i],
             }
         }
