@@ -197,7 +197,12 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         .map(|r| {
             json!({
                 "prefix": r.prefix,
-                "upstream": format!("{}://{}{}", r.scheme, r.authority, r.base_path),
+                "upstream": format!(
+                    "{}://{}{}",
+                    r.target.scheme(),
+                    r.target.authority(),
+                    r.base_path
+                ),
                 "credential": r.credential,
                 "timeout_seconds": r.timeout.as_secs(),
             })

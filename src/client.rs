@@ -456,6 +456,16 @@ impl Target {
         })
     }
 
+    /// The scheme, `http` or `https`.
+    pub fn scheme(&self) -> &Scheme {
+        &self.scheme
+    }
+
+    /// The authority: host and port.
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
     /// `uri`'s path and query at this target.
     fn absolute(&self, uri: &Uri) -> Uri {
         let mut parts = http::uri::Parts::default();

@@ -29,7 +29,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
-use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -414,12 +413,11 @@ fn declared_len(headers: &HeaderMap, body: &Incoming) -> Option<u64> {
     })
 }
 
-/// The origin-form URI (path and query) that `route` sends upstream for the client's `uri`.
+/// [`Route::upstream_uri`], or a 400 when the rewritten target is not a valid URI.
 fn upstream_uri(route: &Route, uri: &Uri) -> Result<Uri, ProxyError> {
-    let path_and_query = route.upstream_path_and_query(uri.path(), uri.query());
-    PathAndQuery::try_from(path_and_query)
-        .map(Uri::from)
-        .map_err(|_| ProxyError::BadRequest("The request target is malformed."))
+    route
+        .upstream_uri(uri)
+        .ok_or(ProxyError::BadRequest("The request target is malformed."))
 }
 
 fn build_request(

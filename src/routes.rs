@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::uri::{Authority, Scheme};
-use http::HeaderValue;
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Uri};
 use percent_encoding::percent_decode_str;
 
 use crate::client::Target;
@@ -23,11 +23,7 @@ pub struct Route {
     pub prefix: String,
     /// The prefix as a shared label for metrics.
     pub label: Arc<str>,
-    /// Upstream scheme.
-    pub scheme: Scheme,
-    /// Upstream authority (host and port), also the `Host` header sent upstream.
-    pub authority: Authority,
-    /// Scheme and authority, as the upstream client takes them.
+    /// Upstream scheme and authority (host and port; also the `Host` header sent upstream).
     pub target: Target,
     /// Pre-built `Host` header value.
     pub host_header: HeaderValue,
@@ -72,8 +68,6 @@ impl Route {
         Ok(Route {
             prefix: settings.prefix.clone(),
             label: Arc::from(settings.prefix.as_str()),
-            scheme,
-            authority,
             target,
             host_header,
             base_path,
@@ -81,6 +75,13 @@ impl Route {
             timeout: settings.timeout.unwrap_or(default_timeout),
             duration: crate::metrics::duration_histogram(),
         })
+    }
+
+    /// The origin-form URI (path and query) this route sends upstream for a client's `uri`
+    /// that it matched; `None` when the rewritten target is not a valid URI.
+    pub fn upstream_uri(&self, uri: &Uri) -> Option<Uri> {
+        let path_and_query = self.upstream_path_and_query(uri.path(), uri.query());
+        PathAndQuery::try_from(path_and_query).ok().map(Uri::from)
     }
 
     /// The upstream path and query for a request path that this route matched.
@@ -150,18 +151,23 @@ impl RouteTable {
     pub fn find(&self, path: &str) -> Option<&Arc<Route>> {
         let mut candidate = path;
         loop {
-            let probe = self.prefix_lens.get(candidate.len()) == Some(&true);
-            if let Some(route) = probe.then(|| self.by_prefix.get(candidate)).flatten() {
+            if let Some(route) = self.exact(candidate) {
                 return Some(route);
             }
             // A byte scan: `str::rfind` with a `char` goes through the general searcher.
             match candidate.bytes().rposition(|b| b == b'/') {
-                Some(0) | None => {
-                    let root = self.prefix_lens.get(1) == Some(&true);
-                    return root.then(|| self.by_prefix.get("/")).flatten();
-                }
+                Some(0) | None => return self.exact("/"),
                 Some(i) => candidate = &candidate[..i],
             }
+        }
+    }
+
+    /// The route whose prefix is exactly `prefix`; hashed only when some prefix has its length.
+    fn exact(&self, prefix: &str) -> Option<&Arc<Route>> {
+        if self.prefix_lens.get(prefix.len()) == Some(&true) {
+            self.by_prefix.get(prefix)
+        } else {
+            None
         }
     }
 }

@@ -95,7 +95,7 @@ pub fn rewrite_location(route: &Route, location: &HeaderValue) -> Option<HeaderV
         text
     } else {
         let (scheme, rest) = text.split_once("://")?;
-        if !scheme.eq_ignore_ascii_case(route.scheme.as_str()) {
+        if !scheme.eq_ignore_ascii_case(route.target.scheme().as_str()) {
             return None;
         }
         let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
@@ -139,11 +139,11 @@ pub fn rewrite_location(route: &Route, location: &HeaderValue) -> Option<HeaderV
 }
 
 fn same_authority(authority: &str, route: &Route) -> bool {
-    let expected = route.authority.as_str();
+    let expected = route.target.authority().as_str();
     if authority.eq_ignore_ascii_case(expected) {
         return true;
     }
-    let default_port = if route.scheme == http::uri::Scheme::HTTPS {
+    let default_port = if *route.target.scheme() == http::uri::Scheme::HTTPS {
         ":443"
     } else {
         ":80"
