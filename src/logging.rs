@@ -9,13 +9,12 @@ use std::cell::{Cell, RefCell};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use std::fmt::Write as _;
+use std::sync::Arc;
 
-use tracing::field::{Field, Visit};
-use tracing::{Event, Subscriber};
-use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields, Writer};
-use tracing_subscriber::fmt::{FmtContext, MakeWriter};
-use tracing_subscriber::registry::LookupSpan;
+use tracing::Subscriber;
+use tracing_subscriber::fmt::format;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::{Layer, SubscriberExt};
 use tracing_subscriber::EnvFilter;
 
 /// Log output format.
@@ -189,6 +188,7 @@ impl Drop for BatchedWriter {
 }
 
 /// Builds the subscriber writing to `writer`; `ansi` colours text output (for terminals only).
+/// It is [`generic_subscriber`] plus the access line's own writer (see [`log_access`]).
 pub fn subscriber<W>(
     format: Format,
     directives: &str,
@@ -198,31 +198,28 @@ pub fn subscriber<W>(
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
-    let builder = builder(directives, writer, ansi && format == Format::Text);
+    let writer = Arc::new(writer);
+    let access = AccessWriter {
+        json: format == Format::Json,
+        ansi: ansi && format == Format::Text,
+        write: {
+            let writer = Arc::clone(&writer);
+            Box::new(move |line: &[u8]| {
+                // As the fmt layer does: a failed write has nowhere better to be reported.
+                let _ = writer.make_writer_for(&ACCESS_METADATA).write_all(line);
+            })
+        },
+    };
+    let builder = builder(directives, Shared(writer), access.ansi);
     match format {
-        Format::Text => Box::new(
-            builder
-                .event_format(Lines {
-                    generic: format::format(),
-                    json: false,
-                })
-                .finish(),
-        ),
-        Format::Json => Box::new(
-            builder
-                .json()
-                .event_format(Lines {
-                    generic: format::format().json().flatten_event(true),
-                    json: true,
-                })
-                .finish(),
-        ),
+        Format::Text => Box::new(builder.finish().with(access)),
+        Format::Json => Box::new(builder.json().flatten_event(true).finish().with(access)),
     }
 }
 
 /// tracing-subscriber's own formatter for every event, the access line included: what
-/// [`subscriber`] writes without the access line's hand-written formatter (and without colour).
-/// The reference that the tests and the `access_line` benchmark compare it with.
+/// [`subscriber`] writes without the access line's own writer (and without colour). The
+/// reference that the tests and the `access_line` benchmark compare it with.
 pub fn generic_subscriber<W>(
     format: Format,
     directives: &str,
@@ -235,6 +232,21 @@ where
     match format {
         Format::Text => Box::new(builder.finish()),
         Format::Json => Box::new(builder.json().flatten_event(true).finish()),
+    }
+}
+
+/// One [`MakeWriter`] shared by the fmt layer and the [`AccessWriter`].
+struct Shared<W>(Arc<W>);
+
+impl<'a, W: MakeWriter<'a>> MakeWriter<'a> for Shared<W> {
+    type Writer = W::Writer;
+
+    fn make_writer(&'a self) -> W::Writer {
+        self.0.make_writer()
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> W::Writer {
+        self.0.make_writer_for(meta)
     }
 }
 
@@ -326,7 +338,27 @@ pub struct AccessLine<'a> {
 }
 
 /// Writes the access-log line of one request (target [`ACCESS_TARGET`], level info).
+///
+/// Under a [`subscriber`], the line is written directly from `line`, in exactly the shape
+/// tracing-subscriber's formatter gives the event below (a test compares the two). It is one
+/// line per request, and the event's way costs a dispatch, a visitor call per field and
+/// `fmt::Write` for every piece: 4.1k instructions of a request's 41k, against about 1.5k
+/// (BENCHMARKS.md). Filtering is the subscriber's as for the event; colours, a current span and
+/// values that need escaping take the event's way.
 pub fn log_access(line: &AccessLine<'_>) {
+    if tracing::dispatcher::get_default(|d| d.is::<AccessWriter>()) {
+        // Outside the lookups below: a lookup inside another sees no dispatcher.
+        if !tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
+            return;
+        }
+        let written = tracing::dispatcher::get_default(|d| {
+            d.downcast_ref::<AccessWriter>()
+                .is_some_and(|writer| writer.write(d, line))
+        });
+        if written {
+            return;
+        }
+    }
     tracing::info!(
         target: ACCESS_TARGET,
         request_id = line.request_id,
@@ -345,130 +377,165 @@ pub fn log_access(line: &AccessLine<'_>) {
     );
 }
 
-/// The event formatter: tracing-subscriber's own (`generic`), except for the access line, which
-/// is written by hand in exactly the shape `generic` gives it. The access line is one event per
-/// request, and the generic formatter goes through `fmt::Write` and `Debug` for every field: it
-/// cost about 1 µs of a request's CPU time. Terminal (ANSI) output, events inside spans and lines
-/// with a value that would need escaping are left to `generic`.
-struct Lines<E> {
-    generic: E,
+/// The access line's writer: a layer of [`subscriber`]'s stack that does nothing with events;
+/// [`log_access`] finds it in the current dispatcher.
+struct AccessWriter {
     json: bool,
+    /// Coloured text: the generic formatter writes the line.
+    ansi: bool,
+    /// Writes a line to the subscriber's writer.
+    write: WriteLine,
+}
+
+/// A line's way to a subscriber's writer.
+type WriteLine = Box<dyn Fn(&[u8]) + Send + Sync>;
+
+impl<S: Subscriber> Layer<S> for AccessWriter {}
+
+/// What the writer sees of an access line written by [`AccessWriter`] (writers that filter by
+/// target or level look at it): the event's target and level.
+static ACCESS_METADATA: tracing::Metadata<'static> = tracing::Metadata::new(
+    "access line",
+    ACCESS_TARGET,
+    tracing::Level::INFO,
+    None,
+    None,
+    None,
+    tracing::field::FieldSet::new(&[], tracing::callsite::Identifier(&ACCESS_CALLSITE)),
+    tracing::metadata::Kind::EVENT,
+);
+
+/// The callsite [`ACCESS_METADATA`] names; never registered, as no event is made from it.
+struct AccessCallsite;
+
+static ACCESS_CALLSITE: AccessCallsite = AccessCallsite;
+
+impl tracing::Callsite for AccessCallsite {
+    fn set_interest(&self, _: tracing::subscriber::Interest) {}
+
+    fn metadata(&self) -> &tracing::Metadata<'_> {
+        &ACCESS_METADATA
+    }
 }
 
 thread_local! {
     /// The access line being built (reused, so building one allocates nothing).
-    static ACCESS_LINE: RefCell<String> = const { RefCell::new(String::new()) };
+    static ACCESS_LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-impl<S, N, E> FormatEvent<S, N> for Lines<E>
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
-    E: FormatEvent<S, N>,
-{
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &Event<'_>,
-    ) -> std::fmt::Result {
-        let fast = event.metadata().target() == ACCESS_TARGET
-            && !writer.has_ansi_escapes()
-            && event.parent().is_none()
-            && ctx.lookup_current().is_none();
-        if fast {
-            let written = ACCESS_LINE.try_with(|line| {
-                let Ok(mut line) = line.try_borrow_mut() else {
-                    return None;
-                };
-                line.clear();
-                format_access(&mut line, event, self.json).then(|| writer.write_str(&line))
-            });
-            if let Ok(Some(result)) = written {
-                #[cfg(test)]
-                tests::FAST_LINES.with(|n| n.set(n.get() + 1));
-                return result;
-            }
+impl AccessWriter {
+    /// Writes `line`; false when the generic formatter must (see [`log_access`]).
+    fn write(&self, dispatch: &tracing::Dispatch, line: &AccessLine<'_>) -> bool {
+        if self.ansi || dispatch.current_span().id().is_some() {
+            return false;
         }
-        self.generic.format_event(ctx, writer, event)
+        let written = ACCESS_LINE.try_with(|buffer| {
+            let Ok(mut buffer) = buffer.try_borrow_mut() else {
+                return false;
+            };
+            buffer.clear();
+            if !format_access(&mut buffer, line, self.json) {
+                return false;
+            }
+            (self.write)(&buffer);
+            true
+        });
+        #[cfg(test)]
+        if written == Ok(true) {
+            tests::FAST_LINES.with(|n| n.set(n.get() + 1));
+        }
+        written == Ok(true)
     }
 }
 
-/// Formats `event` into `line` as the generic formatter would; false when it has a value this
-/// does not handle (the generic formatter then writes the line).
-fn format_access(line: &mut String, event: &Event<'_>, json: bool) -> bool {
-    let now = std::time::SystemTime::now();
-    // The level as the text format pads it, right-aligned in five columns.
-    let level = match *event.metadata().level() {
-        tracing::Level::ERROR => "ERROR",
-        tracing::Level::WARN => " WARN",
-        tracing::Level::INFO => " INFO",
-        tracing::Level::DEBUG => "DEBUG",
-        tracing::Level::TRACE => "TRACE",
-    };
-    if json {
-        line.push_str("{\"timestamp\":\"");
-        timestamp(line, now);
-        line.push_str("\",\"level\":\"");
-        line.push_str(level.trim_start());
-        line.push('"');
-    } else {
-        timestamp(line, now);
-        line.push(' ');
-        line.push_str(level);
-        line.push(' ');
-        line.push_str(ACCESS_TARGET);
-        line.push_str(": ");
-    }
-    let mut fields = FastFields {
-        line,
-        json,
-        first: true,
-        handled: true,
-    };
-    event.record(&mut fields);
-    if !fields.handled {
+/// Appends `line` as tracing-subscriber's formatter writes the event of [`log_access`] (text, or
+/// flattened JSON); false, with `out` in any state, when a value would need escaping.
+fn format_access(out: &mut Vec<u8>, line: &AccessLine<'_>, json: bool) -> bool {
+    let quoted = [
+        line.request_id,
+        line.client,
+        line.path,
+        line.route,
+        line.credential,
+        line.error.unwrap_or(""),
+    ];
+    if !quoted.iter().all(|s| plain(s)) {
         return false;
     }
-    if json {
-        line.push_str(",\"target\":\"");
-        line.push_str(ACCESS_TARGET);
-        line.push_str("\"}\n");
+    // What goes between the values, in JSON or text. The text format writes the message first
+    // and without its name, strings quoted (`Debug`) and the method as it is (`Display`).
+    let keys: [&str; 13] = if json {
+        [
+            "\",\"level\":\"INFO\",\"message\":\"request\",\"request_id\":\"",
+            "\",\"client\":\"",
+            "\",\"method\":\"",
+            "\",\"path\":\"",
+            "\",\"route\":\"",
+            "\",\"credential\":\"",
+            "\",\"status\":",
+            ",\"upstream_status\":",
+            ",\"duration_us\":",
+            ",\"bytes\":",
+            ",\"complete\":",
+            ",\"error\":\"",
+            "\"",
+        ]
     } else {
-        line.push('\n');
+        [
+            "  INFO access: request request_id=\"",
+            "\" client=\"",
+            "\" method=",
+            " path=\"",
+            "\" route=\"",
+            "\" credential=\"",
+            "\" status=",
+            " upstream_status=",
+            " duration_us=",
+            " bytes=",
+            " complete=",
+            " error=\"",
+            "\"",
+        ]
+    };
+    if json {
+        out.extend_from_slice(b"{\"timestamp\":\"");
     }
-    true
-}
-
-/// Writes an event's fields as tracing-subscriber's `DefaultFields` (text) or its flattened
-/// JSON does, for the values the access line has: strings that need no escaping, integers,
-/// booleans, and `Display` values (the method). Anything else clears `handled`.
-struct FastFields<'a> {
-    line: &'a mut String,
-    json: bool,
-    first: bool,
-    handled: bool,
-}
-
-impl FastFields<'_> {
-    /// Writes the separator and the field's name, up to where its value goes.
-    fn name(&mut self, field: &Field) {
-        let first = std::mem::replace(&mut self.first, false);
-        if self.json {
-            self.line.push_str(",\"");
-            self.line.push_str(field.name());
-            self.line.push_str("\":");
-        } else {
-            if !first {
-                self.line.push(' ');
-            }
-            // The text format writes the message without its name.
-            if field.name() != "message" {
-                self.line.push_str(field.name());
-                self.line.push('=');
-            }
+    timestamp(out, std::time::SystemTime::now());
+    let strings = [
+        line.request_id,
+        line.client,
+        line.method.as_str(),
+        line.path,
+        line.route,
+        line.credential,
+    ];
+    for (key, value) in keys.iter().zip(strings) {
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(value.as_bytes());
+    }
+    let numbers = [
+        line.status.into(),
+        line.upstream_status.into(),
+        line.duration_us,
+        line.bytes,
+    ];
+    for (key, value) in keys[6..].iter().zip(numbers) {
+        out.extend_from_slice(key.as_bytes());
+        push_decimal(out, value, 0);
+    }
+    out.extend_from_slice(keys[10].as_bytes());
+    out.extend_from_slice(if line.complete { b"true" } else { b"false" });
+    if let Some(error) = line.error {
+        for piece in [keys[11], error, keys[12]] {
+            out.extend_from_slice(piece.as_bytes());
         }
     }
+    out.extend_from_slice(if json {
+        b",\"target\":\"access\"}\n"
+    } else {
+        b"\n"
+    });
+    true
 }
 
 /// Whether `s` is written as it is between quotes, by `Debug` and by JSON alike: printable
@@ -480,79 +547,6 @@ fn plain(s: &str) -> bool {
     })
 }
 
-impl Visit for FastFields<'_> {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        // A message given as a string is unquoted (and sanitised) in the text format.
-        if !self.handled || !plain(value) || field.name() == "message" {
-            self.handled = false;
-            return;
-        }
-        self.name(field);
-        self.line.push('"');
-        self.line.push_str(value);
-        self.line.push('"');
-    }
-
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        if self.handled {
-            self.name(field);
-            push_decimal(self.line, value, 0);
-        }
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        if self.handled {
-            self.name(field);
-            self.line.push_str(if value { "true" } else { "false" });
-        }
-    }
-
-    // Values the access line does not have; the JSON format would write them as numbers or
-    // objects, not as `Debug` strings.
-    fn record_i64(&mut self, _: &Field, _: i64) {
-        self.handled = false;
-    }
-
-    fn record_f64(&mut self, _: &Field, _: f64) {
-        self.handled = false;
-    }
-
-    fn record_i128(&mut self, _: &Field, _: i128) {
-        self.handled = false;
-    }
-
-    fn record_u128(&mut self, _: &Field, _: u128) {
-        self.handled = false;
-    }
-
-    fn record_bytes(&mut self, _: &Field, _: &[u8]) {
-        self.handled = false;
-    }
-
-    fn record_error(&mut self, _: &Field, _: &(dyn std::error::Error + 'static)) {
-        self.handled = false;
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        if !self.handled {
-            return;
-        }
-        self.name(field);
-        let quoted = self.json;
-        if quoted {
-            self.line.push('"');
-        }
-        let start = self.line.len();
-        // Text: `Debug` as is (the message through an escaping guard, which plain text passes
-        // unchanged). JSON: the `Debug` text as a string.
-        self.handled = write!(self.line, "{value:?}").is_ok()
-            && ((!quoted && field.name() != "message") || plain(&self.line[start..]));
-        if quoted {
-            self.line.push('"');
-        }
-    }
-}
-
 thread_local! {
     /// The second of the last timestamp and its text up to the seconds (`2026-11-24T03:20:15`).
     static SECOND: Cell<(u64, [u8; 19])> = const { Cell::new((u64::MAX, [0; 19])) };
@@ -561,7 +555,7 @@ thread_local! {
 /// Appends `now` as tracing-subscriber's `SystemTime` timer writes it (RFC 3339, UTC,
 /// microseconds: `2026-11-24T03:20:15.123456Z`). The date and time of day are formatted once a
 /// second per thread; within the second only the microseconds are written.
-fn timestamp(line: &mut String, now: std::time::SystemTime) {
+fn timestamp(line: &mut Vec<u8>, now: std::time::SystemTime) {
     let since_epoch = now
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -572,20 +566,20 @@ fn timestamp(line: &mut String, now: std::time::SystemTime) {
         let full = humantime::format_rfc3339_seconds(now).to_string();
         if full.len() != 20 {
             // Years beyond 9999: not worth a cache.
-            line.push_str(&humantime::format_rfc3339_micros(now).to_string());
+            line.extend_from_slice(humantime::format_rfc3339_micros(now).to_string().as_bytes());
             return;
         }
         text.copy_from_slice(&full.as_bytes()[..19]);
         SECOND.set((secs, text));
     }
-    line.push_str(std::str::from_utf8(&text).unwrap_or("1970-01-01T00:00:00"));
-    line.push('.');
+    line.extend_from_slice(&text);
+    line.push(b'.');
     push_decimal(line, u64::from(since_epoch.subsec_micros()), 6);
-    line.push('Z');
+    line.push(b'Z');
 }
 
 /// Appends `value` in decimal, with leading zeros up to `width` digits (at most 20).
-fn push_decimal(line: &mut String, mut value: u64, width: usize) {
+fn push_decimal(line: &mut Vec<u8>, mut value: u64, width: usize) {
     let mut buf = [0u8; 20];
     let stop = buf.len() - width.min(buf.len());
     let mut at = buf.len();
@@ -597,8 +591,7 @@ fn push_decimal(line: &mut String, mut value: u64, width: usize) {
             break;
         }
     }
-    // ASCII digits, appended as chars: no UTF-8 check of the slice.
-    line.extend(buf[at..].iter().map(|&digit| char::from(digit)));
+    line.extend_from_slice(&buf[at..]);
 }
 
 #[cfg(test)]
@@ -711,6 +704,62 @@ mod tests {
     }
 
     #[test]
+    fn inside_a_span_the_generic_formatter_writes_the_line_with_the_span() {
+        let access = line(&http::Method::GET, "-", "/deploy/x");
+        let (ours, theirs) = (MemoryWriter::default(), MemoryWriter::default());
+        let before = FAST_LINES.with(Cell::get);
+        tracing::subscriber::with_default(
+            subscriber(Format::Json, "info", ours.clone(), false),
+            || tracing::info_span!("batch", job = 7).in_scope(|| log_access(&access)),
+        );
+        tracing::subscriber::with_default(
+            generic_subscriber(Format::Json, "info", theirs.clone()),
+            || tracing::info_span!("batch", job = 7).in_scope(|| log_access(&access)),
+        );
+        assert_eq!(FAST_LINES.with(Cell::get), before);
+        let ours = ours.take();
+        assert!(ours.contains("\"span\":{\"job\":7"), "{ours}");
+        assert_eq!(without_timestamp(&ours), without_timestamp(&theirs.take()));
+    }
+
+    #[test]
+    fn the_filter_and_the_writer_decide_as_they_do_for_events() {
+        use tracing_subscriber::fmt::writer::MakeWriterExt;
+        let access = line(&http::Method::GET, "-", "/deploy/x");
+        for format in [Format::Text, Format::Json] {
+            // The access target turned off: nothing, by either path.
+            let captured = MemoryWriter::default();
+            tracing::subscriber::with_default(
+                subscriber(format, "info,access=off", captured.clone(), false),
+                || {
+                    log_access(&access);
+                    tracing::info!(target: "sitecore_auth_proxy", "kept");
+                },
+            );
+            let out = captured.take();
+            assert!(!out.contains("/deploy/x") && out.contains("kept"), "{out}");
+            // A writer that leaves out the access target sees no access line.
+            let captured = MemoryWriter::default();
+            tracing::subscriber::with_default(
+                subscriber(
+                    format,
+                    "info",
+                    captured
+                        .clone()
+                        .with_filter(|meta| meta.target() != ACCESS_TARGET),
+                    false,
+                ),
+                || {
+                    log_access(&access);
+                    tracing::info!(target: "sitecore_auth_proxy", "kept");
+                },
+            );
+            let out = captured.take();
+            assert!(!out.contains("/deploy/x") && out.contains("kept"), "{out}");
+        }
+    }
+
+    #[test]
     fn timestamps_match_the_rfc3339_micros_shape_across_seconds_and_days() {
         let base = std::time::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
         let offsets_us = [
@@ -727,9 +776,12 @@ mod tests {
             .chain((0..500).map(|i| i * 7_919_777))
         {
             let t = base + Duration::from_micros(us);
-            let mut ours = String::new();
+            let mut ours = Vec::new();
             timestamp(&mut ours, t);
-            assert_eq!(ours, humantime::format_rfc3339_micros(t).to_string());
+            assert_eq!(
+                String::from_utf8_lossy(&ours),
+                humantime::format_rfc3339_micros(t).to_string()
+            );
         }
     }
 
@@ -737,9 +789,12 @@ mod tests {
     fn integers_are_written_in_decimal() {
         for n in [0, 7, 10, 38, 1234, 99_999, u64::MAX] {
             for width in [0, 1, 6, 20, 30] {
-                let mut line = String::from("x");
+                let mut line = b"x".to_vec();
                 push_decimal(&mut line, n, width);
-                assert_eq!(line, format!("x{n:0width$}", width = width.min(20)));
+                assert_eq!(
+                    String::from_utf8_lossy(&line),
+                    format!("x{n:0width$}", width = width.min(20))
+                );
             }
         }
     }
