@@ -7,6 +7,8 @@
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -202,20 +204,24 @@ impl Metrics {
     }
 
     /// Creates the zero-valued series of a route, so dashboards see 0 rather than nothing, and
-    /// returns the route's duration histogram: recording through it skips the family's lookup
-    /// (a hash of the labels and a lock) on every request.
-    pub fn register_route(&self, route: &Arc<str>) -> Histogram {
+    /// returns the route's handles on its series: recording through them skips the families'
+    /// lookups (a hash of the labels and a lock) on every request.
+    pub fn register_route(&self, route: &Arc<str>) -> RouteMetrics {
         for kind in ["unreachable", "timeout"] {
             let _ = self.upstream_errors.get_or_create(&UpstreamErrorLabels {
                 route: Arc::clone(route),
                 kind,
             });
         }
-        self.duration
-            .get_or_create(&RouteLabels {
-                route: Arc::clone(route),
-            })
-            .clone()
+        RouteMetrics {
+            duration: self
+                .duration
+                .get_or_create(&RouteLabels {
+                    route: Arc::clone(route),
+                })
+                .clone(),
+            requests: RouteRequests::new(self.requests.clone(), Arc::clone(route)),
+        }
     }
 
     /// Creates the zero-valued series of an `oauth` credential.
@@ -242,5 +248,134 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// A route's handles on its series (see [`Metrics::register_route`]).
+#[derive(Debug)]
+pub struct RouteMetrics {
+    /// Its series of `proxy_request_duration_seconds`.
+    pub duration: Histogram,
+    /// Its series of `proxy_requests_total`.
+    pub requests: RouteRequests,
+}
+
+impl RouteMetrics {
+    /// Handles on series that no registry exports: for routes built alone (tests, benchmarks).
+    pub fn unregistered(route: &Arc<str>) -> RouteMetrics {
+        RouteMetrics {
+            duration: duration_histogram(),
+            requests: RouteRequests::new(Family::default(), Arc::clone(route)),
+        }
+    }
+}
+
+/// The series of `proxy_requests_total` a route has counted, by client and status. Counting
+/// looks the pair up in a snapshot of the series seen so far, without a lock or a hash; a series
+/// seen for the first time comes from the family and goes into a new snapshot.
+#[derive(Debug)]
+pub struct RouteRequests {
+    family: Family<RequestLabels, Counter>,
+    route: Arc<str>,
+    seen: ArcSwap<Vec<SeenSeries>>,
+}
+
+/// One series in a [`RouteRequests`] snapshot.
+#[derive(Debug, Clone)]
+struct SeenSeries {
+    client: Arc<str>,
+    status: u16,
+    counter: Counter,
+}
+
+/// The snapshot's bound: a route's series beyond it are counted through the family's lookup.
+const MAX_SEEN: usize = 64;
+
+impl RouteRequests {
+    fn new(family: Family<RequestLabels, Counter>, route: Arc<str>) -> RouteRequests {
+        RouteRequests {
+            family,
+            route,
+            seen: ArcSwap::from_pointee(Vec::new()),
+        }
+    }
+
+    /// `proxy_requests_total{route, client, status}` + 1.
+    pub fn count(&self, client: &Arc<str>, status: u16) {
+        let same = |s: &SeenSeries| {
+            s.status == status && (Arc::ptr_eq(&s.client, client) || s.client == *client)
+        };
+        if let Some(series) = self.seen.load().iter().find(|s| same(s)) {
+            series.counter.inc();
+            return;
+        }
+        let counter = self
+            .family
+            .get_or_create(&RequestLabels {
+                route: Arc::clone(&self.route),
+                client: Arc::clone(client),
+                status,
+            })
+            .clone();
+        counter.inc();
+        self.seen.rcu(|seen| {
+            let mut seen = Vec::clone(seen);
+            if seen.len() < MAX_SEEN && !seen.iter().any(same) {
+                seen.push(SeenSeries {
+                    client: Arc::clone(client),
+                    status,
+                    counter: counter.clone(),
+                });
+            }
+            seen
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count_of(metrics: &Metrics, client: &str, status: u16) -> Option<u64> {
+        let line = format!(
+            "proxy_requests_total{{route=\"/deploy\",client=\"{client}\",status=\"{status}\"}} "
+        );
+        let text = metrics.encode();
+        let at = text.find(&line)? + line.len();
+        text[at..].split_whitespace().next()?.parse().ok()
+    }
+
+    #[test]
+    fn a_route_counts_its_requests_by_client_and_status_in_the_family() {
+        let metrics = Metrics::new();
+        let route = metrics.register_route(&Arc::from("/deploy"));
+        let (a, b) = (Arc::<str>::from("team-a"), Arc::<str>::from("team-b"));
+        // An equal name in another allocation is the same series.
+        let a_again = Arc::<str>::from("team-a");
+        for _ in 0..3 {
+            route.requests.count(&a, 200);
+        }
+        route.requests.count(&a_again, 200);
+        route.requests.count(&a, 503);
+        route.requests.count(&b, 200);
+        assert_eq!(count_of(&metrics, "team-a", 200), Some(4));
+        assert_eq!(count_of(&metrics, "team-a", 503), Some(1));
+        assert_eq!(count_of(&metrics, "team-b", 200), Some(1));
+        assert_eq!(route.requests.seen.load().len(), 3);
+    }
+
+    #[test]
+    fn series_beyond_the_snapshot_bound_are_still_counted() {
+        let metrics = Metrics::new();
+        let route = metrics.register_route(&Arc::from("/deploy"));
+        let client = Arc::<str>::from("-");
+        for status in 100..(100 + MAX_SEEN as u16 + 10) {
+            route.requests.count(&client, status);
+            route.requests.count(&client, status);
+        }
+        assert_eq!(route.requests.seen.load().len(), MAX_SEEN);
+        for status in [100, 100 + MAX_SEEN as u16 + 9] {
+            assert_eq!(count_of(&metrics, "-", status), Some(2), "status {status}");
+        }
     }
 }

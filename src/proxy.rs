@@ -266,8 +266,14 @@ fn proxy<'a>(
                 }
             },
         };
-        let method = parts.method;
-        let first = build_request(method.clone(), uri, headers.clone(), first_body);
+        // What a replay after a 401 needs; only an `oauth` credential can get a fresh token.
+        let replay = match credential {
+            Credential::OAuth(_) => {
+                replay.map(|body| (body, parts.method.clone(), headers.clone()))
+            }
+            Credential::Header { .. } => None,
+        };
+        let first = build_request(parts.method, uri, headers, first_body);
 
         // 6. forward
         let (response, lease) = match forward(rt, &route, first, upload.as_deref()).await {
@@ -281,11 +287,12 @@ fn proxy<'a>(
 
         // 7. upstream_401
         let (response, lease) = match (response.status(), credential, token, replay) {
-            (StatusCode::UNAUTHORIZED, Credential::OAuth(c), Some(used), Some(bytes)) => {
+            (StatusCode::UNAUTHORIZED, Credential::OAuth(c), Some(used), Some(replay)) => {
                 match fresh_token(c, &used).await {
                     Some(fresh) => {
                         drop((response, lease));
                         stats.replays.fetch_add(1, Ordering::Relaxed);
+                        let (bytes, method, mut headers) = replay;
                         headers.insert(header::AUTHORIZATION, fresh.authorization.clone());
                         let uri = upstream_uri(&route, &parts.uri)?;
                         let again = build_request(method, uri, headers, ProxyBody::full(bytes));
@@ -551,37 +558,35 @@ impl Drop for AccessRecord {
         let elapsed = self.started.elapsed();
         self.stats.inflight.fetch_sub(1, Ordering::Relaxed);
         self.activity.end();
-        let route_label = self
-            .outcome
-            .route
-            .as_ref()
-            .map_or_else(|| Arc::clone(&NO_LABEL), |r| Arc::clone(&r.label));
-        let client_label = self
-            .outcome
-            .client
-            .clone()
-            .unwrap_or_else(|| Arc::clone(&NO_LABEL));
-        let metrics = &self.stats.metrics;
-        metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                route: Arc::clone(&route_label),
-                client: Arc::clone(&client_label),
-                status: self.status,
-            })
-            .inc();
+        let client_label = self.outcome.client.as_ref().unwrap_or(&NO_LABEL);
         let seconds = elapsed.as_secs_f64();
         match &self.outcome.route {
-            Some(route) => route.duration.observe(seconds),
-            None => metrics
-                .duration
-                .get_or_create(&RouteLabels { route: route_label })
-                .observe(seconds),
+            Some(route) => {
+                route.metrics.requests.count(client_label, self.status);
+                route.metrics.duration.observe(seconds);
+            }
+            None => {
+                let metrics = &self.stats.metrics;
+                metrics
+                    .requests
+                    .get_or_create(&RequestLabels {
+                        route: Arc::clone(&NO_LABEL),
+                        client: Arc::clone(client_label),
+                        status: self.status,
+                    })
+                    .inc();
+                metrics
+                    .duration
+                    .get_or_create(&RouteLabels {
+                        route: Arc::clone(&NO_LABEL),
+                    })
+                    .observe(seconds);
+            }
         }
         let route = self.outcome.route.as_deref();
         crate::logging::log_access(&crate::logging::AccessLine {
             request_id: self.request_id.to_str().unwrap_or("-"),
-            client: &client_label,
+            client: client_label,
             method: &self.method,
             path: &self.path,
             route: route.map_or("-", |r| r.prefix.as_str()),

@@ -14,7 +14,7 @@ use percent_encoding::percent_decode_str;
 
 use crate::client::Target;
 use crate::config::RouteSettings;
-use prometheus_client::metrics::histogram::Histogram;
+use crate::metrics::RouteMetrics;
 
 /// One route, ready for the hot path.
 #[derive(Debug)]
@@ -33,10 +33,10 @@ pub struct Route {
     pub credential: String,
     /// Time allowed until the upstream's response headers.
     pub timeout: Duration,
-    /// This route's series of `proxy_request_duration_seconds`, set by `Runtime::build` from
+    /// This route's handles on its metric series, set by `Runtime::build` from
     /// [`crate::metrics::Metrics::register_route`]. Until then (routes built alone, in tests and
-    /// benchmarks) a histogram that no registry exports.
-    pub duration: Histogram,
+    /// benchmarks) series that no registry exports.
+    pub metrics: RouteMetrics,
 }
 
 impl Route {
@@ -65,15 +65,16 @@ impl Route {
             )
         })?;
         let base_path = settings.upstream.path().trim_end_matches('/').to_owned();
+        let label = Arc::from(settings.prefix.as_str());
         Ok(Route {
             prefix: settings.prefix.clone(),
-            label: Arc::from(settings.prefix.as_str()),
+            metrics: RouteMetrics::unregistered(&label),
+            label,
             target,
             host_header,
             base_path,
             credential: settings.credential.clone(),
             timeout: settings.timeout.unwrap_or(default_timeout),
-            duration: crate::metrics::duration_histogram(),
         })
     }
 

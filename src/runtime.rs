@@ -96,7 +96,7 @@ impl Runtime {
             .collect::<Result<Vec<_>, _>>()
             .map_err(BuildError)?;
         for route in &mut routes {
-            route.duration = metrics.register_route(&route.label);
+            route.metrics = metrics.register_route(&route.label);
         }
         for name in credentials.keys() {
             if matches!(credentials.get(name), Some(Credential::OAuth(_))) {
