@@ -622,20 +622,26 @@ def probe_idle(env, emulator, n, hold_s=8):
     return {"client": summary, "vmrss_before_kib": base_rss, "vmrss_idle_kib": rss, "vmhwm_kib": hwm}
 
 
-def probe_refresh(env, long_emulator, duration, reps, conns):
+def probe_refresh(env, long_emulator, duration, reps, conns, control=False):
     """Two proxies, one refreshing its token every ~3.2 s and one with a day-long token, loaded
     at the same time by two wrk instances of `conns / 2` connections each. Run one after the
     other, the p99 of a 20 s run varied by ±35 % on the 2-core machine with or without refreshes.
     Run side by side, both see the same noise, and the ratio of each pair's p99s isolates what
-    the refreshes cost. `p99_ratio` is the median of the per-pair ratios."""
-    log(f"probe: {duration}s of load while tokens refresh (lifetime 4s) vs long-lived tokens, side by side")
-    short = start_emulator(env, "emu-short", 4)
+    the refreshes cost. `p99_ratio` is the median of the per-pair ratios. `control` gives the
+    second proxy a day-long token too (an A/A run): its ratios show the probe's own noise."""
+    second = "long_lived_b" if control else "refreshing"
+    lifetime = 86_400 if control else 4
+    if control:
+        log(f"probe: {duration}s of load on two proxies with long-lived tokens, side by side (control)")
+    else:
+        log(f"probe: {duration}s of load while tokens refresh (lifetime 4s) vs long-lived tokens, side by side")
+    short = start_emulator(env, "emu-short", lifetime)
     p_short, port_short = start_proxy(env, "refresh-short", short)
     p_long, port_long = start_proxy(env, "refresh-long", long_emulator)
     time.sleep(1)
     urls = [f"http://127.0.0.1:{port}{CLIENT_PATH}" for port in (port_long, port_short)]
     pids = (p_long.pid, p_short.pid)
-    runs = {"long_lived": [], "refreshing": []}
+    runs = {"long_lived": [], second: []}
     pair_ratios = []
     before = emulator_counters(short)["token_requests"]
     for _ in range(reps):
@@ -649,7 +655,7 @@ def probe_refresh(env, long_emulator, duration, reps, conns):
             r["contender_cpu_us_per_req"] = cpu_us_per_req(ticks, r["requests"])
         short_r["token_requests_during_run"] = emulator_counters(short)["token_requests"] - tokens0
         runs["long_lived"].append(long_r)
-        runs["refreshing"].append(short_r)
+        runs[second].append(short_r)
         pair_ratios.append(ratio(short_r["p99_us"], long_r["p99_us"]))
     total = emulator_counters(short)["token_requests"] - before
     stop(p_short)
@@ -695,7 +701,7 @@ def main():
     ap.add_argument("--skip-probes", action="store_true")
     ap.add_argument("--protos", default="h1,h2,h1-c1", help="comma-separated subset of h1,h2,h1-c1")
     ap.add_argument("--probes", default="cold_start,upload_1gib,idle_10k,refresh",
-                    help="comma-separated subset of the probes")
+                    help="comma-separated subset of the probes (also: refresh_control, an A/A run of the refresh probe)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
     a = ap.parse_args()
     # A stopped run still stops what it started (the `finally` below).
@@ -764,7 +770,11 @@ def main():
         if "idle_10k" in wanted:
             probes["idle_10k"] = probe_idle(env, emulator, 10_000)
         if "refresh" in wanted:
-            probes["refresh"] = probe_refresh(env, emulator, 20, 1 if a.quick else 5, a.conns)
+            probes["refresh"] = probe_refresh(env, emulator, 20, 1 if a.quick else 9, a.conns)
+        if "refresh_control" in wanted:
+            probes["refresh_control"] = probe_refresh(
+                env, emulator, 20, 1 if a.quick else 9, a.conns, control=True
+            )
         stop(proxy)
         report = {
             "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -15,8 +15,8 @@ from collections import Counter
 
 # (bucket, regex over the frames of one stack); first match wins.
 BUCKETS = [
-    ("access log (tracing fmt + stderr write)", r"tracing_subscriber|tracing_core::event|nu_ansi_term"),
-    ("metrics (prometheus-client families)", r"prometheus_client"),
+    ("access log (formatting + stderr write)", r"sitecore_auth_proxy::logging::|tracing_subscriber|tracing_core::event|nu_ansi_term"),
+    ("metrics (route handles, prometheus-client families)", r"metrics::RouteRequests|prometheus_client"),
     ("request id (rand + hex format)", r"proxy::request_id|rand::"),
     ("token read (ArcSwap)", r"OAuthCredential>::current|OAuthCredential::current|arc_swap"),
     ("route + path check + header hygiene", r"routes::check_path|RouteTable>::find|RouteTable::find|strip_hop_by_hop|strip_inbound_credentials|upstream_path_and_query"),
