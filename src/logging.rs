@@ -600,7 +600,7 @@ mod tests {
     use super::*;
 
     thread_local! {
-        /// Access lines this thread wrote by the hand-written path.
+        /// Access lines this thread wrote directly (by `AccessWriter`).
         pub(super) static FAST_LINES: Cell<usize> = const { Cell::new(0) };
     }
 
@@ -644,7 +644,7 @@ mod tests {
         cut.bytes = 0;
         cut.complete = false;
         cut.error = Some("upstream_timeout");
-        // (line, written by the hand-written path)
+        // (line, written directly by `AccessWriter`)
         let cases = [
             (line(&get, "-", "/deploy/api/projects/v1"), true),
             (cut, true),
