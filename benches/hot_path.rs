@@ -69,7 +69,8 @@ fn bench_access_line(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("access_line");
     for format in [Format::Text, Format::Json] {
-        let generic = logging::generic_subscriber(format, "info", std::io::sink);
+        let generic =
+            tracing::Dispatch::new(logging::generic_subscriber(format, "info", std::io::sink));
         let ours = logging::subscriber(format, "info", std::io::sink, false);
         for (name, subscriber) in [("generic", generic), ("hand_written", ours)] {
             let id = format!(
@@ -80,7 +81,7 @@ fn bench_access_line(c: &mut Criterion) {
                     "json"
                 }
             );
-            tracing::subscriber::with_default(subscriber, || {
+            tracing::dispatcher::with_default(&subscriber, || {
                 group.bench_function(id, |b| b.iter(|| logging::log_access(black_box(&line))));
             });
         }

@@ -58,7 +58,7 @@ pub fn filter(directives: &str) -> EnvFilter {
 pub fn init_stderr(format: Format, directives: &str) -> LogGuard {
     use std::io::IsTerminal;
     let ansi = std::io::stderr().is_terminal();
-    if tracing::subscriber::set_global_default(subscriber(format, directives, BatchedStderr, ansi))
+    if tracing::dispatcher::set_global_default(subscriber(format, directives, BatchedStderr, ansi))
         .is_err()
     {
         eprintln!("a logger was already installed");
@@ -188,13 +188,10 @@ impl Drop for BatchedWriter {
 }
 
 /// Builds the subscriber writing to `writer`; `ansi` colours text output (for terminals only).
-/// It is [`generic_subscriber`] plus the access line's own writer (see [`log_access`]).
-pub fn subscriber<W>(
-    format: Format,
-    directives: &str,
-    writer: W,
-    ansi: bool,
-) -> Box<dyn tracing::Subscriber + Send + Sync>
+/// It is [`generic_subscriber`] plus the access line's own writer (see [`log_access`]). It comes
+/// as a `Dispatch`, which cannot be wrapped in more layers: they would not see the access lines
+/// that [`log_access`] writes directly. Build custom stacks on [`generic_subscriber`].
+pub fn subscriber<W>(format: Format, directives: &str, writer: W, ansi: bool) -> tracing::Dispatch
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
@@ -212,8 +209,10 @@ where
     };
     let builder = builder(directives, Shared(writer), access.ansi);
     match format {
-        Format::Text => Box::new(builder.finish().with(access)),
-        Format::Json => Box::new(builder.json().flatten_event(true).finish().with(access)),
+        Format::Text => tracing::Dispatch::new(builder.finish().with(access)),
+        Format::Json => {
+            tracing::Dispatch::new(builder.json().flatten_event(true).finish().with(access))
+        }
     }
 }
 
@@ -348,8 +347,25 @@ pub struct AccessLine<'a> {
 /// values that need escaping take the event's way.
 pub fn log_access(line: &AccessLine<'_>) {
     if tracing::dispatcher::get_default(|d| d.is::<AccessWriter>()) {
-        // Outside the lookups below: a lookup inside another sees no dispatcher.
-        if !tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
+        // Outside the lookups below: a lookup inside another sees no dispatcher. The field
+        // names are the event's, so filter directives that name fields match both alike.
+        if !tracing::enabled!(
+            target: ACCESS_TARGET,
+            tracing::Level::INFO,
+            message,
+            request_id,
+            client,
+            method,
+            path,
+            route,
+            credential,
+            status,
+            upstream_status,
+            duration_us,
+            bytes,
+            complete,
+            error
+        ) {
             return;
         }
         let written = tracing::dispatcher::get_default(|d| {
@@ -394,15 +410,32 @@ type WriteLine = Box<dyn Fn(&[u8]) + Send + Sync>;
 impl<S: Subscriber> Layer<S> for AccessWriter {}
 
 /// What the writer sees of an access line written by [`AccessWriter`] (writers that filter by
-/// target or level look at it): the event's target and level.
+/// target or level look at it): the event's target, level, module, file and field names.
 static ACCESS_METADATA: tracing::Metadata<'static> = tracing::Metadata::new(
     "access line",
     ACCESS_TARGET,
     tracing::Level::INFO,
+    Some(file!()),
     None,
-    None,
-    None,
-    tracing::field::FieldSet::new(&[], tracing::callsite::Identifier(&ACCESS_CALLSITE)),
+    Some(module_path!()),
+    tracing::field::FieldSet::new(
+        &[
+            "message",
+            "request_id",
+            "client",
+            "method",
+            "path",
+            "route",
+            "credential",
+            "status",
+            "upstream_status",
+            "duration_us",
+            "bytes",
+            "complete",
+            "error",
+        ],
+        tracing::callsite::Identifier(&ACCESS_CALLSITE),
+    ),
     tracing::metadata::Kind::EVENT,
 );
 
@@ -658,8 +691,8 @@ mod tests {
             for (access, fast) in &cases {
                 let (ours, theirs) = (MemoryWriter::default(), MemoryWriter::default());
                 let before = FAST_LINES.with(Cell::get);
-                tracing::subscriber::with_default(
-                    subscriber(format, "info", ours.clone(), false),
+                tracing::dispatcher::with_default(
+                    &subscriber(format, "info", ours.clone(), false),
                     || log_access(access),
                 );
                 let took_fast_path = FAST_LINES.with(Cell::get) > before;
@@ -688,8 +721,8 @@ mod tests {
     fn other_events_and_terminal_output_keep_the_generic_formatter() {
         let captured = MemoryWriter::default();
         let before = FAST_LINES.with(Cell::get);
-        tracing::subscriber::with_default(
-            subscriber(Format::Text, "info", captured.clone(), true),
+        tracing::dispatcher::with_default(
+            &subscriber(Format::Text, "info", captured.clone(), true),
             || {
                 log_access(&line(&http::Method::GET, "-", "/deploy/x"));
                 tracing::info!(target: "sitecore_auth_proxy", routes = 3, "started");
@@ -709,8 +742,8 @@ mod tests {
         let access = line(&http::Method::GET, "-", "/deploy/x");
         let (ours, theirs) = (MemoryWriter::default(), MemoryWriter::default());
         let before = FAST_LINES.with(Cell::get);
-        tracing::subscriber::with_default(
-            subscriber(Format::Json, "info", ours.clone(), false),
+        tracing::dispatcher::with_default(
+            &subscriber(Format::Json, "info", ours.clone(), false),
             || tracing::info_span!("batch", job = 7).in_scope(|| log_access(&access)),
         );
         tracing::subscriber::with_default(
@@ -724,14 +757,48 @@ mod tests {
     }
 
     #[test]
+    fn filter_directives_select_the_same_lines_on_both_ways() {
+        let get = http::Method::GET;
+        let mut cut = line(&get, "-", "/deploy/cut");
+        cut.error = Some("upstream_timeout");
+        let lines = [line(&get, "-", "/deploy/whole"), cut];
+        for directives in [
+            "info",
+            "warn",
+            "info,access=off",
+            "info,access=warn",
+            "info,access[{error}]=off",
+            "off,access[{client}]=info",
+        ] {
+            for format in [Format::Text, Format::Json] {
+                let (ours, theirs) = (MemoryWriter::default(), MemoryWriter::default());
+                tracing::dispatcher::with_default(
+                    &subscriber(format, directives, ours.clone(), false),
+                    || lines.iter().for_each(log_access),
+                );
+                tracing::subscriber::with_default(
+                    generic_subscriber(format, directives, theirs.clone()),
+                    || lines.iter().for_each(log_access),
+                );
+                let strip = |out: String| out.lines().map(without_timestamp).collect::<Vec<_>>();
+                assert_eq!(
+                    strip(ours.take()),
+                    strip(theirs.take()),
+                    "{directives} {format:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn the_filter_and_the_writer_decide_as_they_do_for_events() {
         use tracing_subscriber::fmt::writer::MakeWriterExt;
         let access = line(&http::Method::GET, "-", "/deploy/x");
         for format in [Format::Text, Format::Json] {
             // The access target turned off: nothing, by either path.
             let captured = MemoryWriter::default();
-            tracing::subscriber::with_default(
-                subscriber(format, "info,access=off", captured.clone(), false),
+            tracing::dispatcher::with_default(
+                &subscriber(format, "info,access=off", captured.clone(), false),
                 || {
                     log_access(&access);
                     tracing::info!(target: "sitecore_auth_proxy", "kept");
@@ -741,8 +808,8 @@ mod tests {
             assert!(!out.contains("/deploy/x") && out.contains("kept"), "{out}");
             // A writer that leaves out the access target sees no access line.
             let captured = MemoryWriter::default();
-            tracing::subscriber::with_default(
-                subscriber(
+            tracing::dispatcher::with_default(
+                &subscriber(
                     format,
                     "info",
                     captured

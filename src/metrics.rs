@@ -288,7 +288,9 @@ struct SeenSeries {
     counter: Counter,
 }
 
-/// The snapshot's bound: a route's series beyond it are counted through the family's lookup.
+/// The snapshot's bound. It keeps the first series a route sees (a route's clients and
+/// statuses are few, and a reload starts a new snapshot); series beyond it are counted through
+/// the family's lookup, as before the snapshots.
 const MAX_SEEN: usize = 64;
 
 impl RouteRequests {
@@ -305,10 +307,13 @@ impl RouteRequests {
         let same = |s: &SeenSeries| {
             s.status == status && (Arc::ptr_eq(&s.client, client) || s.client == *client)
         };
-        if let Some(series) = self.seen.load().iter().find(|s| same(s)) {
+        let seen = self.seen.load();
+        if let Some(series) = seen.iter().find(|s| same(s)) {
             series.counter.inc();
             return;
         }
+        let full = seen.len() >= MAX_SEEN;
+        drop(seen);
         let counter = self
             .family
             .get_or_create(&RequestLabels {
@@ -318,6 +323,10 @@ impl RouteRequests {
             })
             .clone();
         counter.inc();
+        if full {
+            // No new snapshot (`rcu` would copy and swap one even with nothing to add).
+            return;
+        }
         self.seen.rcu(|seen| {
             let mut seen = Vec::clone(seen);
             if seen.len() < MAX_SEEN && !seen.iter().any(same) {
@@ -374,6 +383,11 @@ mod tests {
             route.requests.count(&client, status);
         }
         assert_eq!(route.requests.seen.load().len(), MAX_SEEN);
+        // A full snapshot is not copied and swapped again for series beyond it.
+        let full = route.requests.seen.load_full();
+        route.requests.count(&client, 999);
+        assert!(Arc::ptr_eq(&full, &route.requests.seen.load_full()));
+        assert_eq!(count_of(&metrics, "-", 999), Some(1));
         for status in [100, 100 + MAX_SEEN as u16 + 9] {
             assert_eq!(count_of(&metrics, "-", status), Some(2), "status {status}");
         }
