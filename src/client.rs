@@ -226,7 +226,7 @@ impl UpstreamClient {
     ) -> impl std::future::Future<Output = Result<(Response<Incoming>, Option<Lease>), UpstreamError>> + 'a
     {
         async move {
-            let (upstream, mut checkout) = self.pool.find(target.https, &target.authority);
+            let (upstream, mut checkout) = self.pool.find(target.https(), &target.authority);
             let mut resends = 0;
             loop {
                 let (sender, reused) = match checkout {
@@ -436,7 +436,6 @@ fn unsent_or_error(
 /// Where requests go: an upstream's scheme and authority (a route's, built once per runtime).
 #[derive(Debug, Clone)]
 pub struct Target {
-    https: bool,
     scheme: Scheme,
     authority: Authority,
 }
@@ -444,16 +443,15 @@ pub struct Target {
 impl Target {
     /// The target for `scheme` (`http` or `https`) and `authority`; `None` for other schemes.
     pub fn new(scheme: &Scheme, authority: &Authority) -> Option<Target> {
-        let https = match scheme.as_str() {
-            "https" => true,
-            "http" => false,
-            _ => return None,
-        };
-        Some(Target {
-            https,
+        (*scheme == Scheme::HTTPS || *scheme == Scheme::HTTP).then(|| Target {
             scheme: scheme.clone(),
             authority: authority.clone(),
         })
+    }
+
+    /// Whether the scheme is `https`.
+    fn https(&self) -> bool {
+        self.scheme == Scheme::HTTPS
     }
 
     /// The scheme, `http` or `https`.

@@ -81,6 +81,8 @@ pub struct Metrics {
     registry: Registry,
     /// `proxy_requests_total{route,client,status}`.
     pub requests: Family<RequestLabels, Counter>,
+    /// Its series for requests no route matched (`route="-"`).
+    pub unrouted_requests: RouteRequests,
     /// `proxy_request_duration_seconds{route}`: until the response body is done.
     pub duration: Family<RouteLabels, Histogram>,
     /// `proxy_upstream_errors_total{route,kind}`.
@@ -192,6 +194,7 @@ impl Metrics {
         }
         Metrics {
             registry,
+            unrouted_requests: RouteRequests::new(requests.clone(), Arc::from("-")),
             requests,
             duration,
             upstream_errors,

@@ -38,7 +38,7 @@ use crate::body::{read_ahead, BodyError, PeerBody, ProxyBody, ReadAhead, UploadW
 use crate::client::Lease;
 use crate::error::ProxyError;
 use crate::inbound::{ClientIdentity, Clients};
-use crate::metrics::{Metrics, RequestLabels, RouteLabels, UpstreamErrorLabels};
+use crate::metrics::{Metrics, RouteLabels, UpstreamErrorLabels};
 use crate::routes::{check_path, PathError, Route};
 use crate::runtime::Runtime;
 use crate::server::ConnActivity;
@@ -567,14 +567,7 @@ impl Drop for AccessRecord {
             }
             None => {
                 let metrics = &self.stats.metrics;
-                metrics
-                    .requests
-                    .get_or_create(&RequestLabels {
-                        route: Arc::clone(&NO_LABEL),
-                        client: Arc::clone(client_label),
-                        status: self.status,
-                    })
-                    .inc();
+                metrics.unrouted_requests.count(client_label, self.status);
                 metrics
                     .duration
                     .get_or_create(&RouteLabels {
