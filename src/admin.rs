@@ -22,7 +22,7 @@ use crate::app::Shared;
 use crate::body::ProxyBody;
 use crate::config::CredentialSettings;
 use crate::error::json_response;
-use crate::metrics::CredentialLabels;
+use crate::metrics::{CredentialLabels, WorkerLabels};
 use crate::token::Credential;
 
 /// Serves the admin endpoints until `stop` turns true.
@@ -122,6 +122,12 @@ fn metrics_text(shared: &Shared) -> String {
     metrics
         .inflight
         .set(shared.stats.inflight.load(Ordering::Relaxed));
+    for (worker, open) in shared.stats.open_connections().into_iter().enumerate() {
+        metrics
+            .open_connections
+            .get_or_create(&WorkerLabels { worker })
+            .set(open as i64);
+    }
     let now = SystemTime::now();
     for credential in shared.runtime.load().oauth_credentials() {
         let left = credential
@@ -223,6 +229,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "tls": config.server.tls.is_some(),
         "requests_total": shared.stats.requests.load(Ordering::Relaxed),
         "inflight_requests": shared.stats.inflight.load(Ordering::Relaxed),
+        "open_connections_by_worker": shared.stats.open_connections(),
         "credentials": credentials,
         "routes": routes,
         "clients": clients,
@@ -265,7 +272,7 @@ fn status_html(status: &serde_json::Value) -> String {
     let ready = status["ready"].as_bool().unwrap_or(false);
     let _ = write!(
         html,
-        "<h1>sitecore-auth-proxy {}</h1><p>Status: <b class=\"{}\">{}</b> · listening on {} · up {} s · {} requests, {} in flight</p>",
+        "<h1>sitecore-auth-proxy {}</h1><p>Status: <b class=\"{}\">{}</b> · listening on {} · up {} s · {} requests, {} in flight · open connections per worker: {}</p>",
         cell(&status["version"]),
         if ready { "ok" } else { "bad" },
         if ready { "ready" } else { "not ready" },
@@ -273,6 +280,7 @@ fn status_html(status: &serde_json::Value) -> String {
         cell(&status["uptime_seconds"]),
         cell(&status["requests_total"]),
         cell(&status["inflight_requests"]),
+        cell(&status["open_connections_by_worker"]),
     );
     html.push_str("<h2>Credentials</h2><table><tr><th>name</th><th>type</th><th>token</th><th>expires in (s)</th><th>valid until</th><th>last refresh</th><th>failures</th><th>last error</th></tr>");
     for c in status["credentials"].as_array().into_iter().flatten() {

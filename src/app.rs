@@ -177,7 +177,10 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Sta
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (admin_stop, admin_stop_rx) = watch::channel(false);
     let (refresher_stop, refresher_stop_rx) = watch::channel(false);
-    let stats = Arc::new(PipelineStats::new(Arc::clone(&metrics)));
+    let stats = Arc::new(PipelineStats::new(
+        Arc::clone(&metrics),
+        options.workers.pools(),
+    ));
     let shared = Arc::new(Shared {
         runtime: Arc::new(ArcSwap::from_pointee(runtime)),
         stats: Arc::clone(&stats),

@@ -43,6 +43,13 @@ pub struct UpstreamErrorLabels {
     pub kind: &'static str,
 }
 
+/// `worker` of `proxy_open_connections`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    /// The worker thread's index, from 0.
+    pub worker: usize,
+}
+
 /// `credential`, `outcome` of `token_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
@@ -89,6 +96,9 @@ pub struct Metrics {
     pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
     /// `proxy_inflight_requests`.
     pub inflight: Gauge,
+    /// `proxy_open_connections{worker}`: open client connections per worker thread, set at
+    /// scrape time.
+    pub open_connections: Family<WorkerLabels, Gauge>,
     /// `token_requests_total{credential,outcome}`.
     pub token_requests: Family<TokenLabels, Counter>,
     /// `token_expiry_seconds{credential}`: seconds left, set at scrape time.
@@ -165,6 +175,12 @@ impl Metrics {
             "Requests in flight",
             inflight.clone(),
         );
+        let open_connections = Family::default();
+        registry.register(
+            "proxy_open_connections",
+            "Open client connections per worker thread",
+            open_connections.clone(),
+        );
         let token_requests = Family::default();
         registry.register(
             "token_requests",
@@ -199,6 +215,7 @@ impl Metrics {
             duration,
             upstream_errors,
             inflight,
+            open_connections,
             token_requests,
             token_expiry,
             token_verification_failures,

@@ -26,7 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::ServerSettings;
@@ -197,15 +197,22 @@ pub fn spawn(
     let serving = Serving::new(runtime, stats, settings);
     let n = match workers {
         Workers::Inline => {
-            return Ok(tokio::spawn(serve(listener, serving, shutdown, cut)));
+            return Ok(tokio::spawn(serve(listener, serving, shutdown, cut, None)));
         }
         Workers::Threads(n) => n.get(),
     };
     let worker_error = |index| move |source| SpawnError::Worker { index, source };
     let listener = listener.into_std().map_err(worker_error(0))?;
+    // Counted where the status page and the metrics read them, if they have a slot per worker.
+    let open: Arc<[AtomicUsize]> = match &serving.stats.open_connections {
+        open if open.len() == n => Arc::clone(open),
+        _ => (0..n).map(|_| AtomicUsize::new(0)).collect(),
+    };
+    let mut lanes = Spread::lanes(&open, n).into_iter();
     let mut done = Vec::with_capacity(n);
     for index in 0..n {
         let listener = listener.try_clone().map_err(worker_error(index))?;
+        let lane = lanes.next().filter(|_| n > 1);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .on_thread_park(crate::logging::flush_this_thread)
@@ -220,7 +227,7 @@ pub fn spawn(
                 crate::logging::batch_this_thread();
                 rt.block_on(async move {
                     match TcpListener::from_std(listener) {
-                        Ok(listener) => serve(listener, serving, shutdown, cut).await,
+                        Ok(listener) => serve(listener, serving, shutdown, cut, lane).await,
                         Err(e) => {
                             tracing::error!(worker = index, error = %e, "worker cannot listen")
                         }
@@ -268,13 +275,147 @@ impl Serving {
     }
 }
 
+/// Spreads the accepted connections over the worker threads. All of them accept on the shared
+/// listening socket, and whichever wakes first could otherwise take a whole burst (a pool of
+/// keep-alive clients connecting at once) and serve it on one core while the others idle. The
+/// worker that accepts a connection counts it against the worker with the fewest open
+/// connections (itself on a tie) and hands it over if that is another one.
+struct Spread {
+    /// Open connections per worker (`PipelineStats::open_connections`), each counted from its
+    /// placement until it ends.
+    open: Arc<[AtomicUsize]>,
+    inboxes: Box<[mpsc::UnboundedSender<Arrival>]>,
+}
+
+/// What the accept loop woke up for.
+enum Next {
+    Accepted(std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)>),
+    HandedOver(Arrival),
+}
+
+/// One worker's side of the [`Spread`].
+struct Lane {
+    index: usize,
+    spread: Arc<Spread>,
+    inbox: mpsc::UnboundedReceiver<Arrival>,
+}
+
+/// A connection handed from the worker that accepted it to the one that serves it.
+struct Arrival {
+    /// Out of the accepting worker's reactor, to be registered with the serving worker's.
+    stream: std::net::TcpStream,
+    peer: std::net::SocketAddr,
+    permit: OwnedSemaphorePermit,
+    seat: Seat,
+}
+
+/// One open connection counted against the worker that serves it, until dropped.
+struct Seat {
+    open: Arc<[AtomicUsize]>,
+    worker: usize,
+}
+
+impl Seat {
+    fn take(open: &Arc<[AtomicUsize]>, worker: usize) -> Seat {
+        open[worker].fetch_add(1, Ordering::Relaxed);
+        Seat {
+            open: Arc::clone(open),
+            worker,
+        }
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.open[self.worker].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Spread {
+    /// The lanes of `n` workers, in worker order, counting into `open` (one entry per worker).
+    fn lanes(open: &Arc<[AtomicUsize]>, n: usize) -> Vec<Lane> {
+        let (inboxes, receivers): (Vec<_>, Vec<_>) =
+            (0..n).map(|_| mpsc::unbounded_channel()).unzip();
+        let spread = Arc::new(Spread {
+            open: Arc::clone(open),
+            inboxes: inboxes.into_boxed_slice(),
+        });
+        receivers
+            .into_iter()
+            .enumerate()
+            .map(|(index, inbox)| Lane {
+                index,
+                spread: Arc::clone(&spread),
+                inbox,
+            })
+            .collect()
+    }
+}
+
+impl Lane {
+    /// Places a connection this worker accepted: returns it with its seat if this worker is to
+    /// serve it, or hands it to the worker with the fewest open connections.
+    fn place(
+        &self,
+        stream: tokio::net::TcpStream,
+        peer: std::net::SocketAddr,
+        permit: OwnedSemaphorePermit,
+    ) -> Option<(tokio::net::TcpStream, OwnedSemaphorePermit, Seat)> {
+        let open = &self.spread.open;
+        let mut to = self.index;
+        let mut least = open[to].load(Ordering::Relaxed);
+        for (worker, count) in open.iter().enumerate() {
+            let count = count.load(Ordering::Relaxed);
+            if count < least {
+                (to, least) = (worker, count);
+            }
+        }
+        if to == self.index {
+            return Some((stream, permit, Seat::take(open, to)));
+        }
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "cannot hand over a connection");
+                return None;
+            }
+        };
+        let arrival = Arrival {
+            stream,
+            peer,
+            permit,
+            seat: Seat::take(open, to),
+        };
+        // The other worker has stopped (it is draining): serve the connection here after all.
+        let arrival = self.spread.inboxes[to].send(arrival).err()?.0;
+        let Arrival { stream, permit, .. } = arrival;
+        match tokio::net::TcpStream::from_std(stream) {
+            Ok(stream) => Some((stream, permit, Seat::take(open, self.index))),
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "cannot take back a connection");
+                None
+            }
+        }
+    }
+
+    /// The next connection another worker handed to this one (never, without a lane).
+    async fn next(lane: &mut Option<Lane>) -> Option<Arrival> {
+        match lane {
+            Some(lane) => lane.inbox.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// One accept loop: serves `listener` until `shutdown` turns true, then drains for up to the
-/// grace period (or until `cut`) and cuts what is left.
+/// grace period (or until `cut`) and cuts what is left. With a `lane` (one of several worker
+/// threads), each accepted connection goes to the worker with the fewest open connections.
 async fn serve(
     listener: TcpListener,
     serving: Serving,
     mut shutdown: watch::Receiver<bool>,
     mut cut: watch::Receiver<bool>,
+    mut lane: Option<Lane>,
 ) {
     let Serving {
         builders,
@@ -287,33 +428,59 @@ async fn serve(
     let mut connections = JoinSet::new();
 
     loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+        let next = tokio::select! {
+            accepted = listener.accept() => Next::Accepted(accepted),
+            Some(arrival) = Lane::next(&mut lane) => Next::HandedOver(arrival),
             // Reap finished connections so the set does not grow.
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             _ = shutdown.wait_for(|stop| *stop) => break,
         };
-        let (mut stream, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(e) => {
+        let (stream, peer, permit, seat) = match next {
+            Next::Accepted(Err(e)) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+            Next::Accepted(Ok((mut stream, peer))) => {
+                let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+                    tracing::warn!(%peer, "connection limit reached; refusing connection");
+                    connections.spawn(async move {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                            let _ = stream.write_all(OVERLOADED_RESPONSE).await;
+                            let _ = stream.shutdown().await;
+                        })
+                        .await;
+                    });
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                match &lane {
+                    // The only accept loop: counted as worker 0.
+                    None => {
+                        let seat = Seat::take(&stats.open_connections, 0);
+                        (stream, peer, permit, seat)
+                    }
+                    Some(lane) => match lane.place(stream, peer, permit) {
+                        Some((stream, permit, seat)) => (stream, peer, permit, seat),
+                        // Handed to another worker.
+                        None => continue,
+                    },
+                }
+            }
+            Next::HandedOver(Arrival {
+                stream,
+                peer,
+                permit,
+                seat,
+            }) => match tokio::net::TcpStream::from_std(stream) {
+                Ok(stream) => (stream, peer, permit, seat),
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "cannot take over a connection");
+                    continue;
+                }
+            },
         };
-        let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
-            tracing::warn!(%peer, "connection limit reached; refusing connection");
-            connections.spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    let _ = stream.write_all(OVERLOADED_RESPONSE).await;
-                    let _ = stream.shutdown().await;
-                })
-                .await;
-            });
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
         let tls = runtime.load().tls.clone();
         let connection = Connection {
             builders: Arc::clone(&builders),
@@ -325,7 +492,7 @@ async fn serve(
         };
         let handshake_timeout = settings.header_read_timeout;
         connections.spawn(async move {
-            let _permit = permit;
+            let _counted = (permit, seat);
             match tls {
                 None => connection.serve_plain(stream, peer).await,
                 // Boxed: the TLS states (handshake, rustls connection) are large, and the task
@@ -357,6 +524,9 @@ async fn serve(
         });
     }
 
+    // Connections handed to this worker and not taken yet are closed, like those still in the
+    // listener's backlog; a worker still accepting serves what it can no longer hand here.
+    drop(lane);
     // Stop accepting: the listener is dropped before the drain starts. Each connection has seen
     // the shutdown signal and is closing gracefully.
     drop(listener);

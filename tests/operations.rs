@@ -533,3 +533,102 @@ async fn idle_client_connections_are_closed_but_busy_ones_are_not() {
         "the idle connection was closed, not left open"
     );
 }
+
+/// A harness whose proxy serves on `workers` worker threads, with the admin listener.
+async fn with_workers(workers: usize) -> Harness {
+    let setup = Setup {
+        extra_toml: ADMIN.into(),
+        ..Setup::default()
+    };
+    let emulator = setup.emulator.clone().start().await.expect("emulator");
+    let config = support::parse(&support::config_text(&setup, &emulator));
+    let proxy = sitecore_auth_proxy::app::start(
+        config,
+        sitecore_auth_proxy::app::Options {
+            tuning: setup.tuning,
+            workers: sitecore_auth_proxy::server::Workers::Threads(
+                std::num::NonZeroUsize::new(workers).expect("workers"),
+            ),
+        },
+    )
+    .await
+    .expect("proxy starts");
+    let base = format!("http://{}", proxy.local_addr());
+    let h = Harness {
+        emulator,
+        proxy,
+        base,
+        http: support::client(),
+    };
+    h.wait_ready().await;
+    h
+}
+
+/// Opens a keep-alive connection, has one request answered on it, and keeps it open.
+async fn served_connection(h: &Harness) -> tokio::net::TcpStream {
+    let mut stream = support::raw::connect_and_write(
+        h.proxy.local_addr(),
+        b"GET /deploy/api/projects/v1 HTTP/1.1\r\nhost: proxy\r\n\r\n",
+    )
+    .await;
+    let response = support::raw::read_response(&mut stream).await;
+    assert_eq!(support::raw::status_of(&response), 200, "{response}");
+    stream
+}
+
+#[tokio::test]
+async fn connections_are_spread_evenly_over_the_workers() {
+    let h = with_workers(2).await;
+    // One after the other, each answered before the next connects: every placement sees the
+    // counts of the ones before it, so the workers take turns.
+    let mut open = Vec::new();
+    for _ in 0..8 {
+        open.push(served_connection(&h).await);
+    }
+    assert_eq!(h.proxy.stats().open_connections(), [4, 4]);
+    let (status, text) = get(&h, "/metrics").await;
+    assert_eq!(status, 200);
+    let m = samples(&text);
+    for worker in 0..2 {
+        assert_eq!(
+            m.get(&format!(r#"proxy_open_connections{{worker="{worker}"}}"#)),
+            Some(&4.0),
+            "{text}"
+        );
+    }
+    let (status, page) = get(&h, "/status").await;
+    assert_eq!(status, 200);
+    let page: serde_json::Value = serde_json::from_str(&page).expect("status JSON");
+    assert_eq!(
+        page["open_connections_by_worker"],
+        serde_json::json!([4, 4])
+    );
+
+    // Closed connections are uncounted, wherever they were served.
+    drop(open);
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            h.proxy.stats().open_connections() == [0, 0]
+        })
+        .await,
+        "{:?}",
+        h.proxy.stats().open_connections()
+    );
+}
+
+#[tokio::test]
+async fn a_burst_of_connections_is_not_taken_by_one_worker() {
+    // All at once, as a pool of keep-alive clients connects: whichever worker wakes first would
+    // otherwise accept most of them. Every one is served, wherever it was handed.
+    let h = with_workers(3).await;
+    let open = futures_util::future::join_all((0..30).map(|_| served_connection(&h))).await;
+    let counts = h.proxy.stats().open_connections();
+    assert_eq!(counts.iter().sum::<usize>(), 30, "{counts:?}");
+    let (least, most) = (counts.iter().min(), counts.iter().max());
+    assert!(
+        most.zip(least)
+            .is_some_and(|(most, least)| most - least <= 3),
+        "{counts:?}"
+    );
+    drop(open);
+}
