@@ -181,6 +181,14 @@ pub enum SpawnError {
         #[source]
         source: std::io::Error,
     },
+    /// `PipelineStats::open_connections` was not made for this many workers.
+    #[error("the pipeline stats count connections for {counters} workers, not {workers}")]
+    Counters {
+        /// Worker threads to start.
+        workers: usize,
+        /// Entries in `PipelineStats::open_connections`.
+        counters: usize,
+    },
 }
 
 /// Starts serving `listener` as `workers` says. The returned task ends when every accept loop
@@ -201,18 +209,25 @@ pub fn spawn(
         }
         Workers::Threads(n) => n.get(),
     };
+    let open = &serving.stats.open_connections;
+    if open.len() != n {
+        return Err(SpawnError::Counters {
+            workers: n,
+            counters: open.len(),
+        });
+    }
     let worker_error = |index| move |source| SpawnError::Worker { index, source };
     let listener = listener.into_std().map_err(worker_error(0))?;
-    // Counted where the status page and the metrics read them, if they have a slot per worker.
-    let open: Arc<[AtomicUsize]> = match &serving.stats.open_connections {
-        open if open.len() == n => Arc::clone(open),
-        _ => (0..n).map(|_| AtomicUsize::new(0)).collect(),
-    };
-    let mut lanes = Spread::lanes(&open, n).into_iter();
+    // One worker takes every connection it accepts: nothing to spread.
+    let mut lanes = match n {
+        1 => Vec::new(),
+        _ => Spread::lanes(open, n),
+    }
+    .into_iter();
     let mut done = Vec::with_capacity(n);
     for index in 0..n {
         let listener = listener.try_clone().map_err(worker_error(index))?;
-        let lane = lanes.next().filter(|_| n > 1);
+        let lane = lanes.next();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .on_thread_park(crate::logging::flush_this_thread)
@@ -278,12 +293,16 @@ impl Serving {
 /// Spreads the accepted connections over the worker threads. All of them accept on the shared
 /// listening socket, and whichever wakes first could otherwise take a whole burst (a pool of
 /// keep-alive clients connecting at once) and serve it on one core while the others idle. The
-/// worker that accepts a connection counts it against the worker with the fewest open
-/// connections (itself on a tie) and hands it over if that is another one.
+/// worker that accepts a connection keeps it unless it has at least two more open connections
+/// than the least busy running worker; then it hands the connection to that one. The slack of
+/// one keeps clients that connect for a single request from being handed back and forth.
 struct Spread {
     /// Open connections per worker (`PipelineStats::open_connections`), each counted from its
     /// placement until it ends.
     open: Arc<[AtomicUsize]>,
+    /// Whether each worker still takes connections: one that has stopped (draining, or it
+    /// failed) is never picked.
+    running: Box<[AtomicBool]>,
     inboxes: Box<[mpsc::UnboundedSender<Arrival>]>,
 }
 
@@ -293,7 +312,8 @@ enum Next {
     HandedOver(Arrival),
 }
 
-/// One worker's side of the [`Spread`].
+/// One worker's side of the [`Spread`]. Dropping it (the worker stopped or failed) takes the
+/// worker out of the spread.
 struct Lane {
     index: usize,
     spread: Arc<Spread>,
@@ -338,6 +358,7 @@ impl Spread {
             (0..n).map(|_| mpsc::unbounded_channel()).unzip();
         let spread = Arc::new(Spread {
             open: Arc::clone(open),
+            running: (0..n).map(|_| AtomicBool::new(true)).collect(),
             inboxes: inboxes.into_boxed_slice(),
         });
         receivers
@@ -353,30 +374,34 @@ impl Spread {
 }
 
 impl Lane {
-    /// Places a connection this worker accepted: returns it with its seat if this worker is to
-    /// serve it, or hands it to the worker with the fewest open connections.
+    /// Places a connection this worker accepted. Returns it with its seat if this worker is to
+    /// serve it; `None` if it went to another worker, or was closed because it could not be
+    /// moved between the workers' reactors (logged at debug level; the client sees a reset).
     fn place(
         &self,
         stream: tokio::net::TcpStream,
         peer: std::net::SocketAddr,
         permit: OwnedSemaphorePermit,
     ) -> Option<(tokio::net::TcpStream, OwnedSemaphorePermit, Seat)> {
-        let open = &self.spread.open;
-        let mut to = self.index;
-        let mut least = open[to].load(Ordering::Relaxed);
-        for (worker, count) in open.iter().enumerate() {
-            let count = count.load(Ordering::Relaxed);
-            if count < least {
-                (to, least) = (worker, count);
-            }
-        }
-        if to == self.index {
-            return Some((stream, permit, Seat::take(open, to)));
-        }
+        let Spread {
+            open,
+            running,
+            inboxes,
+        } = &*self.spread;
+        let mine = open[self.index].load(Ordering::Relaxed);
+        // The least busy running worker (the lowest index on a tie).
+        let least = (0..open.len())
+            .filter(|&w| w != self.index && running[w].load(Ordering::Relaxed))
+            .map(|w| (open[w].load(Ordering::Relaxed), w))
+            .min()
+            .filter(|&(count, _)| mine > count + 1);
+        let Some((_, to)) = least else {
+            return Some((stream, permit, Seat::take(open, self.index)));
+        };
         let stream = match stream.into_std() {
             Ok(stream) => stream,
             Err(e) => {
-                tracing::debug!(%peer, error = %e, "cannot hand over a connection");
+                tracing::debug!(%peer, error = %e, "cannot hand over a connection; closing it");
                 return None;
             }
         };
@@ -386,13 +411,13 @@ impl Lane {
             permit,
             seat: Seat::take(open, to),
         };
-        // The other worker has stopped (it is draining): serve the connection here after all.
-        let arrival = self.spread.inboxes[to].send(arrival).err()?.0;
-        let Arrival { stream, permit, .. } = arrival;
+        // That worker stopped after it was picked: serve the connection here after all (its
+        // seat there is dropped with the rest of the returned arrival).
+        let Arrival { stream, permit, .. } = inboxes[to].send(arrival).err()?.0;
         match tokio::net::TcpStream::from_std(stream) {
             Ok(stream) => Some((stream, permit, Seat::take(open, self.index))),
             Err(e) => {
-                tracing::debug!(%peer, error = %e, "cannot take back a connection");
+                tracing::debug!(%peer, error = %e, "cannot take back a connection; closing it");
                 None
             }
         }
@@ -404,6 +429,21 @@ impl Lane {
             Some(lane) => lane.inbox.recv().await,
             None => std::future::pending().await,
         }
+    }
+
+    /// Takes this worker out of the spread and closes the connections handed to it that it has
+    /// not taken yet, like those still in the listener's backlog.
+    async fn leave(mut self) {
+        self.spread.running[self.index].store(false, Ordering::Relaxed);
+        self.inbox.close();
+        // After `close`, `recv` also waits for sends that had begun: none is left behind.
+        while self.inbox.recv().await.is_some() {}
+    }
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        self.spread.running[self.index].store(false, Ordering::Relaxed);
     }
 }
 
@@ -427,9 +467,12 @@ async fn serve(
     // Every connection task, so the drain can wait for them and cut what outlives the grace.
     let mut connections = JoinSet::new();
 
+    // After a failed accept (EMFILE and friends), the next waits a little instead of spinning;
+    // connections handed over meanwhile are still taken.
+    let mut backoff = None;
     loop {
         let next = tokio::select! {
-            accepted = listener.accept() => Next::Accepted(accepted),
+            accepted = accept_after(&listener, backoff) => Next::Accepted(accepted),
             Some(arrival) = Lane::next(&mut lane) => Next::HandedOver(arrival),
             // Reap finished connections so the set does not grow.
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
@@ -437,12 +480,12 @@ async fn serve(
         };
         let (stream, peer, permit, seat) = match next {
             Next::Accepted(Err(e)) => {
-                // EMFILE and friends: back off briefly instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                backoff = Some(tokio::time::Instant::now() + Duration::from_millis(50));
                 continue;
             }
             Next::Accepted(Ok((mut stream, peer))) => {
+                backoff = None;
                 let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
                     tracing::warn!(%peer, "connection limit reached; refusing connection");
                     connections.spawn(async move {
@@ -463,7 +506,6 @@ async fn serve(
                     }
                     Some(lane) => match lane.place(stream, peer, permit) {
                         Some((stream, permit, seat)) => (stream, peer, permit, seat),
-                        // Handed to another worker.
                         None => continue,
                     },
                 }
@@ -524,9 +566,9 @@ async fn serve(
         });
     }
 
-    // Connections handed to this worker and not taken yet are closed, like those still in the
-    // listener's backlog; a worker still accepting serves what it can no longer hand here.
-    drop(lane);
+    if let Some(lane) = lane {
+        lane.leave().await;
+    }
     // Stop accepting: the listener is dropped before the drain starts. Each connection has seen
     // the shutdown signal and is closing gracefully.
     drop(listener);
@@ -555,6 +597,17 @@ async fn serve(
             connections.shutdown().await;
         }
     }
+}
+
+/// Accepts a connection, after waiting until `backoff` if it is set.
+async fn accept_after(
+    listener: &TcpListener,
+    backoff: Option<tokio::time::Instant>,
+) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    if let Some(until) = backoff {
+        tokio::time::sleep_until(until).await;
+    }
+    listener.accept().await
 }
 
 /// The HTTP/2 connection preface (RFC 9113 section 3.4).
@@ -860,5 +913,100 @@ impl std::task::Wake for SideWaker {
     fn wake_by_ref(self: &Arc<Self>) {
         self.fired.store(true, Ordering::Release);
         self.task.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Placed = (tokio::net::TcpStream, OwnedSemaphorePermit, Seat);
+
+    /// Two workers' lanes, with a listener to accept real connections from.
+    struct Two {
+        listener: TcpListener,
+        limit: Arc<Semaphore>,
+        open: Arc<[AtomicUsize]>,
+        lane: Lane,
+        /// Worker 1's lane, until it leaves.
+        other: Option<Lane>,
+    }
+
+    impl Two {
+        async fn new() -> Two {
+            let open: Arc<[AtomicUsize]> = (0..2).map(|_| AtomicUsize::new(0)).collect();
+            let mut lanes = Spread::lanes(&open, 2);
+            let other = lanes.pop().expect("lane 1");
+            let lane = lanes.pop().expect("lane 0");
+            Two {
+                listener: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+                limit: Arc::new(Semaphore::new(100)),
+                open,
+                lane,
+                other: Some(other),
+            }
+        }
+
+        /// Accepts a connection as worker 0's accept loop would and places it; its peer too.
+        async fn place(&self) -> (Option<Placed>, std::net::SocketAddr) {
+            let addr = self.listener.local_addr().expect("addr");
+            let (client, accepted) =
+                tokio::join!(tokio::net::TcpStream::connect(addr), self.listener.accept());
+            // The server side stays open without the client side.
+            drop(client.expect("connect"));
+            let (stream, peer) = accepted.expect("accept");
+            let permit = Arc::clone(&self.limit).try_acquire_owned().expect("permit");
+            (self.lane.place(stream, peer, permit), peer)
+        }
+
+        async fn keep(&self) -> Placed {
+            self.place().await.0.expect("kept by worker 0")
+        }
+
+        fn counts(&self) -> [usize; 2] {
+            [0, 1].map(|w| self.open[w].load(Ordering::Relaxed))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_worker_keeps_connections_until_it_has_two_more_than_the_least_busy() {
+        let mut t = Two::new().await;
+        let mut kept = vec![t.keep().await, t.keep().await];
+        assert_eq!(t.counts(), [2, 0]);
+
+        // Two ahead: the next one goes to worker 1, with its permit and its seat there.
+        let (placed, peer) = t.place().await;
+        assert!(placed.is_none(), "handed over");
+        let other = t.other.as_mut().expect("lane 1");
+        let arrival = other.inbox.recv().await.expect("arrival");
+        assert_eq!((arrival.peer, arrival.seat.worker), (peer, 1));
+        assert_eq!(t.counts(), [2, 1]);
+        assert_eq!(t.limit.available_permits(), 97);
+        drop(arrival);
+        assert_eq!(t.counts(), [2, 0], "its seat went with it");
+        assert_eq!(t.limit.available_permits(), 98, "and its permit");
+
+        // A worker that has left is never picked, however idle it looks.
+        t.other.take().expect("lane 1").leave().await;
+        for _ in 0..3 {
+            kept.push(t.keep().await);
+        }
+        assert_eq!(t.counts(), [5, 0]);
+        drop(kept);
+        assert_eq!(t.counts(), [0, 0]);
+        assert_eq!(t.limit.available_permits(), 100);
+    }
+
+    #[tokio::test]
+    async fn a_connection_handed_to_a_worker_that_stopped_is_served_where_it_was_accepted() {
+        let mut t = Two::new().await;
+        let _kept = [t.keep().await, t.keep().await];
+        // Worker 1 stops between being picked and the send: still marked running, but its
+        // inbox is closed.
+        t.other.as_mut().expect("lane 1").inbox.close();
+        let (placed, _) = t.place().await;
+        let (_stream, _permit, seat) = placed.expect("served here");
+        assert_eq!(seat.worker, 0);
+        assert_eq!(t.counts(), [3, 0]);
     }
 }
