@@ -164,6 +164,34 @@ def cpu_ticks(pid):
     return total
 
 
+def thread_ticks(pid):
+    """utime + stime of each thread of pid and its descendants, by (pid, tid), in clock ticks."""
+    out = {}
+    for p in process_tree(pid):
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                out[(p, tid)] = int(fields[11]) + int(fields[12])
+            except OSError:
+                pass
+    return out
+
+
+def thread_shares(before, after):
+    """The busy threads' shares (%) of the CPU time between two `thread_ticks`, largest first:
+    how evenly a contender spread the load over its workers."""
+    used = {k: after[k] - before.get(k, 0) for k in after}
+    total = sum(used.values())
+    if total <= 0:
+        return []
+    return sorted((round(100.0 * v / total, 1) for v in used.values() if v * 20 >= total), reverse=True)
+
+
 def status_kib(pid, key):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -294,12 +322,15 @@ def measured(run, pids):
     late in the sequence would measure the file system more than the contenders."""
     empty_logs()
     before = {name: cpu_ticks(pid) for name, pid in pids.items()}
+    threads0 = thread_ticks(pids["contender"]) if "contender" in pids else None
     busy0, own0, t0 = busy_ticks(), own_ticks(), time.monotonic()
     result = run()
     busy1, own1, t1 = busy_ticks(), own_ticks(), time.monotonic()
     for name, pid in pids.items():
         ticks = cpu_ticks(pid) - before[name]
         result[f"{name}_cpu_us_per_req"] = cpu_us_per_req(ticks, result["requests"])
+    if threads0 is not None:
+        result["contender_thread_cpu_pct"] = thread_shares(threads0, thread_ticks(pids["contender"]))
     foreign = max(0, (busy1 - busy0) - (own1 - own0)) / CLK_TCK
     result["foreign_cpu_pct"] = round(100.0 * foreign / ((t1 - t0) * NCPU), 1)
     return result
@@ -496,6 +527,10 @@ def summarize(samples):
                 "min": round(min(values), 2),
                 "max": round(max(values), 2),
             }
+    # How each run spread the contender's CPU over its threads, run by run.
+    spreads = [s["contender_thread_cpu_pct"] for s in samples if "contender_thread_cpu_pct" in s]
+    if spreads:
+        out["contender_thread_cpu_pct"] = spreads
     out["runs"] = len(samples)
     return out
 
