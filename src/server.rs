@@ -7,6 +7,9 @@
 //! HTTP/1 read buffer at 8 KiB, and the request future and the TLS states are boxed, so an idle
 //! HTTP/1.1 connection costs about 13 KiB instead of 26 (BENCHMARKS.md, finding 4).
 //!
+//! With several worker threads, the one that accepts a connection hands it to a less busy one
+//! when the open connections are uneven (`Spread`).
+//!
 //! Each connection task watches three things: the connection itself, the drain signal, and its
 //! idle deadline. On either of the last two it asks hyper for a graceful shutdown (HTTP/2 GOAWAY,
 //! HTTP/1.1 close after the current response), so no request is cut by the idle timeout.
@@ -129,8 +132,9 @@ pub enum Workers {
     Inline,
     /// On this many threads, each with its own single-threaded tokio runtime, its own accept
     /// loop on the shared listening socket and its own upstream connection pool, so a request is
-    /// served start to end on one thread (like nginx's worker processes). The default: one per
-    /// available core (`SITECORE_PROXY_WORKERS` overrides it in the binary).
+    /// served start to end on one thread (like nginx's worker processes). Accepted connections
+    /// are spread over the threads by their open connections (see `Spread`). The default: one
+    /// per available core (`SITECORE_PROXY_WORKERS` overrides it in the binary).
     Threads(NonZeroUsize),
 }
 

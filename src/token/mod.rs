@@ -215,7 +215,7 @@ pub enum Credential {
 }
 
 impl Credential {
-    /// Builds the runtime credential; `oauth` ones need [`OAuthCredential::spawn_refresher`].
+    /// Builds the runtime credential; `oauth` ones need a task running [`OAuthCredential::run_refresher`].
     pub fn new(
         name: &str,
         settings: &CredentialSettings,
