@@ -305,7 +305,7 @@ struct Spread {
     /// placement until it ends.
     open: Arc<[AtomicUsize]>,
     /// Whether each worker still takes connections: one that has stopped (draining, or it
-    /// failed) is never picked.
+    /// failed) is no longer picked.
     running: Box<[AtomicBool]>,
     inboxes: Box<[mpsc::UnboundedSender<Arrival>]>,
 }
@@ -434,26 +434,31 @@ impl Lane {
             None => std::future::pending().await,
         }
     }
-
-    /// Takes this worker out of the spread and closes the connections handed to it that it has
-    /// not taken yet, like those still in the listener's backlog.
-    async fn leave(mut self) {
-        self.spread.running[self.index].store(false, Ordering::Relaxed);
-        self.inbox.close();
-        // After `close`, `recv` also waits for sends that had begun: none is left behind.
-        while self.inbox.recv().await.is_some() {}
-    }
 }
 
 impl Drop for Lane {
+    /// Takes this worker out of the spread (it stopped, or failed) and closes the connections
+    /// handed to it that it has not taken yet, like those still in the listener's backlog.
     fn drop(&mut self) {
         self.spread.running[self.index].store(false, Ordering::Relaxed);
+        self.inbox.close();
+        // Dropping the receiver alone would leave a send that had begun in the channel, with
+        // its permit and seat, until every worker is gone. After `close`, `try_recv` reports
+        // `Empty` until such a send has landed (a few instructions away) and then
+        // `Disconnected`.
+        loop {
+            match self.inbox.try_recv() {
+                Ok(_) => {}
+                Err(mpsc::error::TryRecvError::Empty) => std::hint::spin_loop(),
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            }
+        }
     }
 }
 
 /// One accept loop: serves `listener` until `shutdown` turns true, then drains for up to the
 /// grace period (or until `cut`) and cuts what is left. With a `lane` (one of several worker
-/// threads), each accepted connection goes to the worker with the fewest open connections.
+/// threads), an accepted connection may go to a less busy worker (see [`Spread`]).
 async fn serve(
     listener: TcpListener,
     serving: Serving,
@@ -475,6 +480,7 @@ async fn serve(
     // connections handed over meanwhile are still taken.
     let mut backoff = None;
     loop {
+        backoff = backoff.filter(|&until| until > tokio::time::Instant::now());
         let next = tokio::select! {
             accepted = accept_after(&listener, backoff) => Next::Accepted(accepted),
             Some(arrival) = Lane::next(&mut lane) => Next::HandedOver(arrival),
@@ -570,9 +576,8 @@ async fn serve(
         });
     }
 
-    if let Some(lane) = lane {
-        lane.leave().await;
-    }
+    // Out of the spread before the drain; what was handed here and not taken is closed.
+    drop(lane);
     // Stop accepting: the listener is dropped before the drain starts. Each connection has seen
     // the shutdown signal and is closing gracefully.
     drop(listener);
@@ -990,8 +995,12 @@ mod tests {
         assert_eq!(t.counts(), [2, 0], "its seat went with it");
         assert_eq!(t.limit.available_permits(), 98, "and its permit");
 
-        // A worker that has left is never picked, however idle it looks.
-        t.other.take().expect("lane 1").leave().await;
+        // A worker that leaves closes what was handed to it and not taken, and is no longer
+        // picked, however idle it looks.
+        assert!(t.place().await.0.is_none(), "handed over again");
+        assert_eq!((t.counts(), t.limit.available_permits()), ([2, 1], 97));
+        drop(t.other.take());
+        assert_eq!((t.counts(), t.limit.available_permits()), ([2, 0], 98));
         for _ in 0..3 {
             kept.push(t.keep().await);
         }
