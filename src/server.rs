@@ -299,14 +299,13 @@ impl Serving {
 /// keep-alive clients connecting at once) and serve it on one core while the others idle. The
 /// worker that accepts a connection keeps it unless it has at least two more open connections
 /// than the least busy running worker; then it hands the connection to that one. The slack of
-/// one keeps clients that connect for a single request from being handed back and forth.
+/// one keeps clients that connect for a single request from being handed back and forth. A
+/// worker runs while its inbox is open: one that has stopped (draining, or it failed) has
+/// closed it and is no longer picked.
 struct Spread {
     /// Open connections per worker (`PipelineStats::open_connections`), each counted from its
     /// placement until it ends.
     open: Arc<[AtomicUsize]>,
-    /// Whether each worker still takes connections: one that has stopped (draining, or it
-    /// failed) is no longer picked.
-    running: Box<[AtomicBool]>,
     inboxes: Box<[mpsc::UnboundedSender<Arrival>]>,
 }
 
@@ -362,7 +361,6 @@ impl Spread {
             (0..n).map(|_| mpsc::unbounded_channel()).unzip();
         let spread = Arc::new(Spread {
             open: Arc::clone(open),
-            running: (0..n).map(|_| AtomicBool::new(true)).collect(),
             inboxes: inboxes.into_boxed_slice(),
         });
         receivers
@@ -387,15 +385,11 @@ impl Lane {
         peer: std::net::SocketAddr,
         permit: OwnedSemaphorePermit,
     ) -> Option<(tokio::net::TcpStream, OwnedSemaphorePermit, Seat)> {
-        let Spread {
-            open,
-            running,
-            inboxes,
-        } = &*self.spread;
+        let Spread { open, inboxes } = &*self.spread;
         let mine = open[self.index].load(Ordering::Relaxed);
         // The least busy running worker (the lowest index on a tie).
         let least = (0..open.len())
-            .filter(|&w| w != self.index && running[w].load(Ordering::Relaxed))
+            .filter(|&w| w != self.index && !inboxes[w].is_closed())
             .map(|w| (open[w].load(Ordering::Relaxed), w))
             .min()
             .filter(|&(count, _)| mine > count + 1);
@@ -440,7 +434,6 @@ impl Drop for Lane {
     /// Takes this worker out of the spread (it stopped, or failed) and closes the connections
     /// handed to it that it has not taken yet, like those still in the listener's backlog.
     fn drop(&mut self) {
-        self.spread.running[self.index].store(false, Ordering::Relaxed);
         self.inbox.close();
         // Dropping the receiver alone would leave a send that had begun in the channel, with
         // its permit and seat, until every worker is gone. After `close`, `try_recv` reports
@@ -1011,11 +1004,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_connection_handed_to_a_worker_that_stopped_is_served_where_it_was_accepted() {
+    async fn a_worker_that_closed_its_inbox_is_not_picked_and_the_connection_stays() {
         let mut t = Two::new().await;
         let _kept = [t.keep().await, t.keep().await];
-        // Worker 1 stops between being picked and the send: still marked running, but its
-        // inbox is closed.
+        // Worker 1 is stopping: its inbox is closed, though its lane is not dropped yet.
         t.other.as_mut().expect("lane 1").inbox.close();
         let (placed, _) = t.place().await;
         let (_stream, _permit, seat) = placed.expect("served here");
