@@ -20,10 +20,8 @@ use tokio::sync::watch;
 
 use crate::app::Shared;
 use crate::body::ProxyBody;
-use crate::config::CredentialSettings;
 use crate::error::json_response;
-use crate::metrics::{CredentialLabels, WorkerLabels};
-use crate::token::Credential;
+use crate::metrics::CredentialLabels;
 
 /// Serves the admin endpoints until `stop` turns true.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
@@ -116,43 +114,26 @@ fn with_type(status: StatusCode, body: String, content_type: &'static str) -> Re
     response
 }
 
-/// Refreshes the scrape-time gauges and encodes every metric.
+/// Sets the gauges that are read off the credentials (seconds left, up) and encodes every metric.
 fn metrics_text(shared: &Shared) -> String {
     let metrics = &shared.metrics;
-    metrics
-        .inflight
-        .set(shared.stats.inflight.load(Ordering::Relaxed));
-    for (worker, open) in shared.stats.open_connections().into_iter().enumerate() {
-        metrics
-            .open_connections
-            .get_or_create(&WorkerLabels { worker })
-            .set(open as i64);
-    }
     let now = SystemTime::now();
-    for credential in shared.runtime.load().oauth_credentials() {
-        let left = credential
-            .current()
-            .map(|t| {
-                t.expires_at
-                    .duration_since(now)
-                    .unwrap_or_default()
-                    .as_secs_f64()
-            })
-            .unwrap_or(0.0);
+    for credential in shared.runtime.load().credentials.values() {
+        let labels = CredentialLabels {
+            credential: Arc::from(credential.name()),
+        };
+        if let Some(left) = credential.expires_in(now) {
+            metrics
+                .token_expiry
+                .get_or_create(&labels)
+                .set(left.as_secs_f64());
+        }
         metrics
-            .token_expiry
-            .get_or_create(&CredentialLabels {
-                credential: Arc::from(credential.name()),
-            })
-            .set(left);
+            .credential_up
+            .get_or_create(&labels)
+            .set(i64::from(credential.is_up()));
     }
     metrics.encode()
-}
-
-fn rfc3339(t: Option<SystemTime>) -> serde_json::Value {
-    t.map_or(serde_json::Value::Null, |t| {
-        json!(humantime::format_rfc3339_seconds(t).to_string())
-    })
 }
 
 /// The status document: credentials' token health, routes, clients. No secrets by construction:
@@ -161,41 +142,15 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
     let runtime = shared.runtime.load();
     let config = &runtime.config;
     let now = SystemTime::now();
-    let mut credentials = Vec::new();
-    for (name, settings) in &config.credentials {
-        let entry = match (settings, runtime.credential(name)) {
-            (CredentialSettings::OAuth(s), Some(Credential::OAuth(c))) => {
-                let status = c.status();
-                let token = c.current();
-                json!({
-                    "name": name,
-                    "type": "oauth",
-                    "token_url": s.token_url.as_str(),
-                    "audience": s.audience,
-                    "token_valid": token.is_some(),
-                    "valid_until": rfc3339(status.valid_until),
-                    "expires_in_seconds": token.map(|t| t.expires_at.duration_since(now).unwrap_or_default().as_secs()),
-                    "last_refresh": rfc3339(status.last_refresh),
-                    "consecutive_failures": status.consecutive_failures,
-                    "last_error": status.last_error,
-                    "token_requests": status.attempts,
-                    "forced_refreshes": c.counters.forced_refreshes.load(Ordering::Relaxed),
-                })
-            }
-            (CredentialSettings::Header(h), _) => json!({
-                "name": name,
-                "type": "header",
-                "header": h.header.as_str(),
-            }),
-            (CredentialSettings::OAuth(s), _) => json!({
-                "name": name,
-                "type": "oauth",
-                "token_url": s.token_url.as_str(),
-                "in_use": false,
-            }),
-        };
-        credentials.push(entry);
-    }
+    // Every configured credential: those no route uses have no runtime state to show.
+    let credentials: Vec<_> = config
+        .credentials
+        .iter()
+        .map(|(name, settings)| match runtime.credential(name) {
+            Some(credential) => credential.describe(now),
+            None => json!({ "name": name, "type": settings.kind(), "in_use": false }),
+        })
+        .collect();
     let routes: Vec<_> = runtime
         .routes
         .routes()
@@ -227,8 +182,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "shutting_down": shared.shutting_down.load(Ordering::Acquire),
         "listen": config.server.listen.to_string(),
         "tls": config.server.tls.is_some(),
-        "requests_total": shared.stats.requests.load(Ordering::Relaxed),
-        "inflight_requests": shared.stats.inflight.load(Ordering::Relaxed),
+        "inflight_requests": shared.metrics.inflight.get(),
         "open_connections_by_worker": shared.stats.open_connections(),
         "credentials": credentials,
         "routes": routes,

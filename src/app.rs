@@ -13,10 +13,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError};
+use crate::credential::Credential;
 use crate::metrics::{Metrics, OutcomeLabels};
-use crate::proxy::PipelineStats;
 use crate::runtime::{BuildError, Runtime};
-use crate::server::{self, ListenerSettings, Workers};
+use crate::server::{self, ListenerSettings, PipelineStats, Workers};
 use crate::token::{OAuthCredential, Tuning};
 
 /// Why the proxy could not start.
@@ -74,19 +74,19 @@ pub struct Shared {
     pub started_at: SystemTime,
     tuning: Tuning,
     workers: Workers,
-    refreshers: Mutex<Vec<(Arc<OAuthCredential>, JoinHandle<()>)>>,
+    refreshers: Mutex<Vec<(Arc<Credential>, JoinHandle<()>)>>,
     refresher_stop: watch::Receiver<bool>,
     reload_lock: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
-    /// Starts a refresher for every `oauth` credential of `runtime` that has none, and stops
-    /// those whose credential is gone. Reused credentials keep theirs (and their token).
+    /// Starts the background task (token refresher) of every credential of `runtime` that has
+    /// none, and stops those whose credential is gone. Credentials a reload kept keep theirs.
     fn sync_refreshers(&self, runtime: &Runtime) {
         let Ok(mut refreshers) = self.refreshers.lock() else {
             return;
         };
-        let wanted: Vec<&Arc<OAuthCredential>> = runtime.oauth_credentials().collect();
+        let wanted: Vec<&Arc<Credential>> = runtime.credentials.values().collect();
         refreshers.retain(|(credential, task)| {
             let keep = wanted.iter().any(|w| Arc::ptr_eq(w, credential));
             if !keep {
@@ -95,10 +95,11 @@ impl Shared {
             keep
         });
         for credential in wanted {
-            if !refreshers.iter().any(|(c, _)| Arc::ptr_eq(c, credential)) {
-                let task =
-                    tokio::spawn(Arc::clone(credential).run_refresher(self.refresher_stop.clone()));
-                refreshers.push((Arc::clone(credential), task));
+            if refreshers.iter().any(|(c, _)| Arc::ptr_eq(c, credential)) {
+                continue;
+            }
+            if let Some(task) = credential.background(self.refresher_stop.clone()) {
+                refreshers.push((Arc::clone(credential), tokio::spawn(task)));
             }
         }
     }
@@ -111,25 +112,21 @@ impl Shared {
         }
     }
 
-    /// Whether `/readyz` should answer 200, and if not, why.
+    /// Whether `/readyz` should answer 200, and if not, why. A replica is ready once every
+    /// credential in use has been up since it was built; a credential that goes down later
+    /// degrades only its own routes (every replica shares the token endpoint, so pulling them
+    /// all would turn one credential's outage into an outage of every route), unless
+    /// `[admin] ready_requires = "all_tokens"` asks for every credential to be up now.
     pub fn readiness(&self) -> Result<(), Vec<String>> {
         let mut reasons = Vec::new();
         if self.shutting_down.load(Ordering::Acquire) {
             reasons.push("shutting down".to_owned());
         }
         let runtime = self.runtime.load();
-        let mut credentials: Vec<_> = runtime.oauth_credentials().collect();
-        credentials.sort_by(|a, b| a.name().cmp(b.name()));
-        for credential in credentials {
-            if credential.current().is_none() {
-                let status = credential.status();
-                reasons.push(match status.last_error {
-                    Some(code) => format!(
-                        "credential {} has no valid token (last error: {code})",
-                        credential.name()
-                    ),
-                    None => format!("credential {} has no valid token yet", credential.name()),
-                });
+        let strict = runtime.config.ready_requires_all_tokens();
+        for credential in runtime.credentials_by_name() {
+            if strict || !credential.has_been_up() {
+                reasons.extend(credential.down_reason());
             }
         }
         if reasons.is_empty() {
@@ -177,10 +174,7 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Sta
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (admin_stop, admin_stop_rx) = watch::channel(false);
     let (refresher_stop, refresher_stop_rx) = watch::channel(false);
-    let stats = Arc::new(PipelineStats::new(
-        Arc::clone(&metrics),
-        options.workers.pools(),
-    ));
+    let stats = Arc::new(PipelineStats::new(options.workers.pools()));
     let shared = Arc::new(Shared {
         runtime: Arc::new(ArcSwap::from_pointee(runtime)),
         stats: Arc::clone(&stats),
@@ -276,17 +270,19 @@ impl RunningProxy {
         &self.shared
     }
 
-    /// Pipeline counters (in-flight gauge, requests, replays).
-    pub fn stats(&self) -> &PipelineStats {
-        &self.shared.stats
+    /// The process's metrics (in-flight requests, replays, token counters, ...).
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Open client connections per worker thread.
+    pub fn open_connections(&self) -> Vec<usize> {
+        self.shared.stats.open_connections()
     }
 
     /// The `oauth` credential of that name in the current runtime.
     pub fn credential(&self, name: &str) -> Option<Arc<OAuthCredential>> {
-        self.runtime()
-            .oauth_credentials()
-            .find(|c| c.name() == name)
-            .cloned()
+        self.runtime().credential(name)?.oauth().cloned()
     }
 
     /// Swaps in a new configuration atomically: requests in flight finish on the old runtime,

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::body::ProxyBody;
-use crate::config::{Config, CredentialSettings};
+use crate::config::Config;
 use crate::secret::Secret;
 
 /// Who is calling: put into request extensions once authenticated.
@@ -84,10 +84,8 @@ impl Clients {
         let mut master =
             hmac::Context::with_key(&hmac::Key::new(hmac::HMAC_SHA256, DERIVATION_LABEL));
         for name in config.used_credentials() {
-            let secret = match config.credentials.get(name) {
-                Some(CredentialSettings::OAuth(o)) => o.client_secret.expose(),
-                Some(CredentialSettings::Header(h)) => h.value.expose(),
-                None => continue,
+            let Some(secret) = config.credentials.get(name).map(|c| c.secret().expose()) else {
+                continue;
             };
             master.update(&(name.len() as u64).to_be_bytes());
             master.update(name.as_bytes());

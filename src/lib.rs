@@ -9,8 +9,10 @@
 pub mod admin;
 pub mod app;
 pub mod body;
+pub mod check;
 pub mod client;
 pub mod config;
+pub mod credential;
 #[cfg(feature = "emulator")]
 pub mod demo;
 #[cfg(feature = "emulator")]
@@ -19,7 +21,7 @@ pub mod error;
 pub mod inbound;
 pub mod logging;
 pub mod metrics;
-pub mod proxy;
+pub mod pipeline;
 pub mod routes;
 pub mod runtime;
 pub mod secret;

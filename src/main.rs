@@ -9,10 +9,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use sha2::Digest;
 use sitecore_auth_proxy::app::{self, Options};
-use sitecore_auth_proxy::config::{Config, CredentialSettings};
-use sitecore_auth_proxy::runtime::Runtime;
+use sitecore_auth_proxy::config::Config;
+use sitecore_auth_proxy::error::ErrorChain;
 use sitecore_auth_proxy::server::Workers;
-use sitecore_auth_proxy::token::Credential;
 
 /// Exit code for an invalid configuration (EX_USAGE, as linkerd does).
 const EXIT_CONFIG: u8 = 64;
@@ -155,7 +154,7 @@ async fn run(path: &std::path::Path) -> ExitCode {
     let proxy = match app::start(config, options).await {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("{}", sitecore_auth_proxy::token::ErrorChain(&e));
+            eprintln!("{}", ErrorChain(&e));
             return ExitCode::FAILURE;
         }
     };
@@ -241,112 +240,13 @@ async fn check(path: &std::path::Path, fetch: bool) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    println!("{}: OK", config.path.display());
-    let tls = if config.server.tls.is_some() {
-        "https"
-    } else {
-        "http"
-    };
-    println!("listen {} ({tls})", config.server.listen);
-    if let Some(admin) = &config.admin {
-        println!("admin  {}", admin.listen);
-    }
-    println!();
-    let width = config
-        .routes
-        .iter()
-        .map(|r| r.prefix.len())
-        .max()
-        .unwrap_or(6)
-        .max(6);
-    let cwidth = config
-        .routes
-        .iter()
-        .map(|r| r.credential.len())
-        .max()
-        .unwrap_or(10)
-        .max(10);
-    println!("{:width$}  {:cwidth$}  UPSTREAM", "PREFIX", "CREDENTIAL");
-    for route in &config.routes {
-        let kind = match config.credentials.get(&route.credential) {
-            Some(CredentialSettings::OAuth(_)) => "oauth",
-            Some(CredentialSettings::Header(_)) => "header",
-            None => "?",
-        };
-        println!(
-            "{:width$}  {:cwidth$}  {}  ({kind}, timeout {})",
-            route.prefix,
-            route.credential,
-            route.upstream,
-            humantime::format_duration(route.timeout.unwrap_or(config.server.request_timeout)),
-        );
-    }
-    if !config.clients.is_empty() {
-        println!();
-        for client in &config.clients {
-            let routes = client
-                .routes
-                .as_ref()
-                .map_or("all routes".to_owned(), |r| r.join(", "));
-            println!("client {}: {routes}", client.name);
-        }
-    }
-    if !fetch {
-        return ExitCode::SUCCESS;
-    }
-    sitecore_auth_proxy::install_crypto_providers();
-    let config = std::sync::Arc::new(config);
-    let runtime = match Runtime::build(config, &Default::default(), &Default::default(), None, 1) {
-        Ok(r) => r,
+    match sitecore_auth_proxy::check::run(config, fetch, &mut std::io::stdout()).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
+            eprintln!("check: {}", ErrorChain(&*e));
+            ExitCode::FAILURE
         }
-    };
-    println!();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut failed = false;
-    let mut names: Vec<_> = runtime.credentials.keys().cloned().collect();
-    names.sort();
-    for name in names {
-        match runtime.credential(&name) {
-            Some(Credential::OAuth(c)) => {
-                let task = tokio::spawn(std::sync::Arc::clone(c).run_refresher(stop_rx.clone()));
-                match c.token().await {
-                    Ok(token) => {
-                        let left = token
-                            .expires_at
-                            .duration_since(std::time::SystemTime::now())
-                            .unwrap_or_default();
-                        println!(
-                            "credential {name}: token OK, expires in {}, scopes: {}",
-                            humantime::format_duration(std::time::Duration::from_secs(
-                                left.as_secs()
-                            )),
-                            token.scope.as_deref().unwrap_or("-")
-                        );
-                    }
-                    Err(e) => {
-                        failed = true;
-                        println!(
-                            "credential {name}: FAILED ({})",
-                            e.last_error.as_deref().unwrap_or("no token")
-                        );
-                    }
-                }
-                task.abort();
-            }
-            Some(Credential::Header { name: header, .. }) => {
-                println!("credential {name}: static header {header}");
-            }
-            None => {}
-        }
-    }
-    let _ = stop_tx.send(true);
-    if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
     }
 }
 
@@ -355,7 +255,7 @@ async fn demo(listen: SocketAddr) -> ExitCode {
     let demo = match sitecore_auth_proxy::demo::start(listen).await {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("demo: {}", sitecore_auth_proxy::token::ErrorChain(&e));
+            eprintln!("demo: {}", ErrorChain(&e));
             return ExitCode::FAILURE;
         }
     };
@@ -417,10 +317,7 @@ async fn healthcheck(admin: &str) -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!(
-                "healthcheck: {url}: {}",
-                sitecore_auth_proxy::token::ErrorChain(&e.without_url())
-            );
+            eprintln!("healthcheck: {url}: {}", ErrorChain(&e.without_url()));
             ExitCode::FAILURE
         }
     }

@@ -96,6 +96,8 @@ pub struct Metrics {
     pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
     /// `proxy_inflight_requests`.
     pub inflight: Gauge,
+    /// `proxy_replays_total`: requests sent again after an upstream 401.
+    pub replays: Counter,
     /// `proxy_open_connections{worker}`: open client connections per worker thread, set at
     /// scrape time.
     pub open_connections: Family<WorkerLabels, Gauge>,
@@ -103,6 +105,13 @@ pub struct Metrics {
     pub token_requests: Family<TokenLabels, Counter>,
     /// `token_expiry_seconds{credential}`: seconds left, set at scrape time.
     pub token_expiry: Family<CredentialLabels, Gauge<f64, AtomicU64>>,
+    /// `credential_up{credential}`: 1 while the credential can serve requests, set at scrape
+    /// time.
+    pub credential_up: Family<CredentialLabels, Gauge>,
+    /// `token_cold_waits_total{credential}`: requests that found the token cache cold and waited.
+    pub token_cold_waits: Family<CredentialLabels, Counter>,
+    /// `token_forced_refreshes_total{credential}`: refreshes forced by an upstream 401.
+    pub token_forced_refreshes: Family<CredentialLabels, Counter>,
     /// `token_verification_failures_total{credential,reason}`.
     pub token_verification_failures: Family<VerificationLabels, Counter>,
     /// `config_reloads_total{outcome}`.
@@ -175,6 +184,12 @@ impl Metrics {
             "Requests in flight",
             inflight.clone(),
         );
+        let replays = Counter::default();
+        registry.register(
+            "proxy_replays",
+            "Requests replayed with a fresh token after an upstream 401",
+            replays.clone(),
+        );
         let open_connections = Family::default();
         registry.register(
             "proxy_open_connections",
@@ -192,6 +207,24 @@ impl Metrics {
             "token_expiry_seconds",
             "Seconds until the served token expires",
             token_expiry.clone(),
+        );
+        let credential_up = Family::default();
+        registry.register(
+            "credential_up",
+            "Whether the credential can serve requests (1) or has no valid token (0)",
+            credential_up.clone(),
+        );
+        let token_cold_waits = Family::default();
+        registry.register(
+            "token_cold_waits",
+            "Requests that found the token cache cold and waited for a fetch",
+            token_cold_waits.clone(),
+        );
+        let token_forced_refreshes = Family::default();
+        registry.register(
+            "token_forced_refreshes",
+            "Token refreshes forced by an upstream 401",
+            token_forced_refreshes.clone(),
         );
         let token_verification_failures = Family::default();
         registry.register(
@@ -215,9 +248,13 @@ impl Metrics {
             duration,
             upstream_errors,
             inflight,
+            replays,
             open_connections,
             token_requests,
             token_expiry,
+            credential_up,
+            token_cold_waits,
+            token_forced_refreshes,
             token_verification_failures,
             config_reloads,
         }

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use crate::client::UpstreamClient;
 use crate::config::Config;
+use crate::credential::{Credential, Resources};
 use crate::inbound::Clients;
 use crate::metrics::Metrics;
 use crate::routes::{Route, RouteTable};
-use crate::token::verify::Jwks;
-use crate::token::{Credential, OAuthCredential, Tuning};
+use crate::token::Tuning;
 use crate::upstream;
 
 /// What the pipeline reads per request.
@@ -23,7 +23,7 @@ pub struct Runtime {
     /// Routes by prefix.
     pub routes: RouteTable,
     /// Credentials by name (only those used by a route).
-    pub credentials: HashMap<String, Credential>,
+    pub credentials: HashMap<String, Arc<Credential>>,
     /// One pooled upstream client per worker thread (see [`Runtime::client`]).
     pub clients_by_worker: Box<[UpstreamClient]>,
     /// `server.forwarded_headers`.
@@ -38,6 +38,8 @@ pub struct Runtime {
     pub token_endpoint: Option<String>,
     /// TLS termination, when `tls_cert`/`tls_key` are set.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The process's metrics, which every runtime records into.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Why a runtime could not be built from a valid configuration (TLS roots, header values).
@@ -64,28 +66,20 @@ impl Runtime {
             .collect();
         let http = token_http_client(tls, server.connect_timeout, tuning.token_request_timeout)?;
 
-        let mut jwks: BTreeMap<String, Arc<Jwks>> = BTreeMap::new();
+        let mut resources = Resources {
+            http: &http,
+            tuning,
+            metrics,
+            jwks: BTreeMap::new(),
+        };
         let mut credentials = HashMap::new();
         for name in config.used_credentials() {
             let Some(settings) = config.credentials.get(name) else {
                 continue;
             };
-            let reused = previous
-                .and_then(|p| p.credentials.get(name))
-                .and_then(|c| match c {
-                    Credential::OAuth(old) => match settings {
-                        crate::config::CredentialSettings::OAuth(s) if old.settings() == s => {
-                            Some(Credential::OAuth(Arc::clone(old)))
-                        }
-                        _ => None,
-                    },
-                    Credential::Header { .. } => None,
-                });
-            let credential = match reused {
-                Some(c) => c,
-                None => Credential::new(name, settings, &http, &mut jwks, tuning, metrics)
-                    .map_err(BuildError)?,
-            };
+            let previous = previous.and_then(|p| p.credentials.get(name));
+            let credential =
+                Credential::build(name, settings, previous, &mut resources).map_err(BuildError)?;
             credentials.insert(name.to_owned(), credential);
         }
 
@@ -97,11 +91,6 @@ impl Runtime {
             .map_err(BuildError)?;
         for route in &mut routes {
             route.metrics = metrics.register_route(&route.label);
-        }
-        for name in credentials.keys() {
-            if matches!(credentials.get(name), Some(Credential::OAuth(_))) {
-                metrics.register_credential(&Arc::from(name.as_str()));
-            }
         }
         let tls = server
             .tls
@@ -121,6 +110,7 @@ impl Runtime {
             forwarded_headers: server.forwarded_headers,
             replay_body_limit: server.replay_body_limit,
             rewrite_location: server.rewrite_location,
+            metrics: Arc::clone(metrics),
             config,
         })
     }
@@ -133,16 +123,15 @@ impl Runtime {
     }
 
     /// The credential named by a route.
-    pub fn credential(&self, name: &str) -> Option<&Credential> {
+    pub fn credential(&self, name: &str) -> Option<&Arc<Credential>> {
         self.credentials.get(name)
     }
 
-    /// The `oauth` credentials, for refreshers, readiness and status.
-    pub fn oauth_credentials(&self) -> impl Iterator<Item = &Arc<OAuthCredential>> {
-        self.credentials.values().filter_map(|c| match c {
-            Credential::OAuth(c) => Some(c),
-            Credential::Header { .. } => None,
-        })
+    /// The credentials in use, sorted by name (readiness, status, `check`).
+    pub fn credentials_by_name(&self) -> Vec<&Arc<Credential>> {
+        let mut all: Vec<_> = self.credentials.values().collect();
+        all.sort_by(|a, b| a.name().cmp(b.name()));
+        all
     }
 }
 

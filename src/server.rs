@@ -33,7 +33,31 @@ use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::ServerSettings;
-use crate::proxy::{process_request, ConnInfo, PipelineStats};
+use crate::pipeline::{process_request, ConnInfo};
+
+/// Open client connections per worker thread (temporary; the server split replaces it).
+#[derive(Debug)]
+pub struct PipelineStats {
+    /// Open client connections, per worker thread.
+    pub open_connections: Arc<[AtomicUsize]>,
+}
+
+impl PipelineStats {
+    /// Counters at zero for `workers` worker threads.
+    pub fn new(workers: usize) -> PipelineStats {
+        PipelineStats {
+            open_connections: (0..workers.max(1)).map(|_| AtomicUsize::new(0)).collect(),
+        }
+    }
+
+    /// Open client connections, per worker thread.
+    pub fn open_connections(&self) -> Vec<usize> {
+        self.open_connections
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
+    }
+}
 use crate::runtime::Runtime;
 
 /// Listener settings fixed for the life of the listener.
@@ -74,7 +98,8 @@ pub struct ConnActivity {
 }
 
 impl ConnActivity {
-    fn new() -> ConnActivity {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> ConnActivity {
         ConnActivity {
             opened: Instant::now(),
             inflight: AtomicUsize::new(0),
@@ -530,7 +555,6 @@ async fn serve(
         let connection = Connection {
             builders: Arc::clone(&builders),
             runtime: Arc::clone(&runtime),
-            stats: Arc::clone(&stats),
             shutdown: shutdown.clone(),
             idle_timeout: settings.idle_timeout,
             header_read_timeout: settings.header_read_timeout,
@@ -593,7 +617,6 @@ async fn serve(
             tracing::warn!(
                 worker,
                 open_connections = connections.len(),
-                inflight_requests = stats.inflight.load(Ordering::Relaxed),
                 "shutdown grace elapsed; cutting the remaining connections and requests"
             );
             connections.shutdown().await;
@@ -686,7 +709,6 @@ impl Builders {
 struct Connection {
     builders: Arc<Builders>,
     runtime: Arc<ArcSwap<Runtime>>,
-    stats: Arc<PipelineStats>,
     shutdown: watch::Receiver<bool>,
     idle_timeout: Duration,
     header_read_timeout: Duration,
@@ -734,16 +756,14 @@ impl Connection {
             activity: Arc::clone(&activity),
         };
         let runtime = self.runtime;
-        let stats = self.stats;
         // The request future is boxed: hyper's HTTP/1 dispatcher keeps a slot the size of the
         // service future for the connection's life, and ours is several KiB.
         let service = service_fn(move |req| {
             let runtime = runtime.load_full();
-            let stats = Arc::clone(&stats);
             let info = info.clone();
             let fut: std::pin::Pin<
                 Box<dyn std::future::Future<Output = Result<_, Infallible>> + Send>,
-            > = Box::pin(process_request(runtime, stats, req, info));
+            > = Box::pin(process_request(runtime, req, info));
             fut
         });
         let watch = Watch {

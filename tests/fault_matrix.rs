@@ -37,7 +37,6 @@ mod support;
 mod faults;
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use faults::{Fault, FaultServer};
@@ -267,15 +266,11 @@ impl Cell {
             .expect("response");
         assert_eq!(response.status(), 200, "{label}: the healthy route answers");
         assert_eq!(json(response).await["api"], "deploy", "{label}");
-        let stats = self.h.proxy.stats();
+        let stats = self.h.proxy.metrics();
         assert!(
-            eventually(Duration::from_secs(5), || stats
-                .inflight
-                .load(Ordering::SeqCst)
-                == 0)
-            .await,
+            eventually(Duration::from_secs(5), || stats.inflight.get() == 0).await,
             "{label}: the in-flight gauge returns to 0 (it is {})",
-            stats.inflight.load(Ordering::SeqCst)
+            stats.inflight.get()
         );
     }
 
@@ -540,7 +535,7 @@ mod upstream {
         );
         assert!(seen[1].token_valid, "the replay carried a valid token");
         assert_eq!(h.emulator.token_requests(), 2, "one forced refresh");
-        assert_eq!(h.proxy.stats().replays.load(Ordering::SeqCst), 1);
+        assert_eq!(h.proxy.metrics().replays.get(), 1);
 
         h.emulator
             .push_upstream_faults([UpstreamFault::Status(401)]);
@@ -559,7 +554,7 @@ mod upstream {
         );
         assert_eq!(h.emulator.upstream_requests(), 3, "the PATCH was sent once");
         assert_eq!(h.emulator.token_requests(), 2, "no second forced refresh");
-        assert_eq!(h.proxy.stats().replays.load(Ordering::SeqCst), 1);
+        assert_eq!(h.proxy.metrics().replays.get(), 1);
 
         let response = h
             .http
@@ -569,13 +564,7 @@ mod upstream {
             .expect("response");
         assert_eq!(response.status(), 200, "other routes keep serving");
         response.bytes().await.expect("body");
-        let stats = h.proxy.stats();
-        assert!(
-            eventually(Duration::from_secs(5), || stats
-                .inflight
-                .load(Ordering::SeqCst)
-                == 0)
-            .await
-        );
+        let stats = h.proxy.metrics();
+        assert!(eventually(Duration::from_secs(5), || stats.inflight.get() == 0).await);
     }
 }

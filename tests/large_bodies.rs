@@ -6,7 +6,6 @@
 mod support;
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -96,7 +95,7 @@ async fn assert_streamed_upload_arrives(total: u64) {
 }
 
 fn inflight(h: &Harness) -> i64 {
-    h.proxy.stats().inflight.load(Ordering::Relaxed)
+    h.proxy.metrics().inflight.get()
 }
 
 #[tokio::test]

@@ -331,11 +331,7 @@ async fn drain_finishes_a_streaming_request_and_refuses_new_connections() {
     }
     assert_eq!(received, SIZE, "the in-flight stream finished");
     assert!(
-        eventually(Duration::from_secs(2), || h
-            .proxy
-            .stats()
-            .inflight
-            .load(std::sync::atomic::Ordering::Relaxed)
+        eventually(Duration::from_secs(2), || h.proxy.metrics().inflight.get()
             == 0)
         .await
     );
@@ -598,7 +594,7 @@ async fn connections_are_spread_over_the_workers() {
     let mut open = Vec::new();
     for i in 0..8 {
         open.push(served_connection(&h).await);
-        let counts = h.proxy.stats().open_connections();
+        let counts = h.proxy.open_connections();
         assert_eq!(counts.iter().sum::<usize>(), i + 1, "{counts:?}");
         assert!(spread(&counts) <= 2, "after {}: {counts:?}", i + 1);
     }
@@ -608,7 +604,7 @@ async fn connections_are_spread_over_the_workers() {
         2,
         "one upstream connection per worker that served"
     );
-    let counts = h.proxy.stats().open_connections();
+    let counts = h.proxy.open_connections();
     let (status, text) = get(&h, "/metrics").await;
     assert_eq!(status, 200);
     let m = samples(&text);
@@ -631,11 +627,11 @@ async fn connections_are_spread_over_the_workers() {
     drop(open);
     assert!(
         eventually(Duration::from_secs(5), || {
-            h.proxy.stats().open_connections() == [0, 0]
+            h.proxy.open_connections() == [0, 0]
         })
         .await,
         "{:?}",
-        h.proxy.stats().open_connections()
+        h.proxy.open_connections()
     );
 }
 
@@ -645,7 +641,7 @@ async fn a_burst_of_connections_is_not_taken_by_one_worker() {
     // otherwise accept most of them (26, 2 and 2 without the spread). Every one is served.
     let h = with_workers(3).await;
     let open = futures_util::future::join_all((0..30).map(|_| served_connection(&h))).await;
-    let counts = h.proxy.stats().open_connections();
+    let counts = h.proxy.open_connections();
     assert_eq!(counts.iter().sum::<usize>(), 30, "{counts:?}");
     // Two more than the least busy before handing over, plus what workers placing at the same
     // moment can each add.

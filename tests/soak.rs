@@ -495,8 +495,8 @@ async fn soak_mixed_load_with_refreshes_401s_and_aborts() {
             tally: load.snapshot(),
             injected_401: injected.load(Ordering::SeqCst),
             token_requests: h.emulator.token_requests(),
-            replays: h.proxy.stats().replays.load(Ordering::Relaxed),
-            forced_refreshes: credential.counters.forced_refreshes.load(Ordering::Relaxed),
+            replays: h.proxy.metrics().replays.get(),
+            forced_refreshes: credential.forced_refreshes(),
             rss_kib: rss_kib(),
         };
         println!("{}", row(samples.last(), &sample));
@@ -512,16 +512,13 @@ async fn soak_mixed_load_with_refreshes_401s_and_aborts() {
     for worker in workers {
         worker.await.expect("worker");
     }
-    let stats = h.proxy.stats();
-    let drained = support::eventually(Duration::from_secs(10), || {
-        stats.inflight.load(Ordering::SeqCst) == 0
-    })
-    .await;
+    let stats = h.proxy.metrics();
+    let drained = support::eventually(Duration::from_secs(10), || stats.inflight.get() == 0).await;
 
     let total = load.snapshot();
     let injected_401 = injected.load(Ordering::SeqCst);
     let token_requests = h.emulator.token_requests();
-    let forced = credential.counters.forced_refreshes.load(Ordering::Relaxed);
+    let forced = credential.forced_refreshes();
     let elapsed = started.elapsed();
     // A 401 reaches a client only because one was injected; more 401s than injections are not.
     let surplus_401 = total.unauthorized_total().saturating_sub(injected_401);
@@ -586,11 +583,7 @@ async fn soak_mixed_load_with_refreshes_401s_and_aborts() {
         );
     }
     let _ = writeln!(report, "| upstream 401s injected | {injected_401} |");
-    let _ = writeln!(
-        report,
-        "| replays after a 401 | {} |",
-        stats.replays.load(Ordering::Relaxed)
-    );
+    let _ = writeln!(report, "| replays after a 401 | {} |", stats.replays.get());
     let _ = writeln!(
         report,
         "| forced refreshes (budget {forced_budget}) | {forced} |"
@@ -602,12 +595,12 @@ async fn soak_mixed_load_with_refreshes_401s_and_aborts() {
     let _ = writeln!(
         report,
         "| requests that waited on a cold cache | {} |",
-        credential.counters.cold_waits.load(Ordering::Relaxed)
+        credential.cold_waits()
     );
     let _ = writeln!(
         report,
         "| in-flight gauge after the load | {} |",
-        stats.inflight.load(Ordering::SeqCst)
+        stats.inflight.get()
     );
     let _ = writeln!(
         report,

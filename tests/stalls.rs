@@ -16,7 +16,6 @@
 
 mod support;
 
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -173,9 +172,9 @@ fn upstream_timeouts(h: &Harness) -> f64 {
 }
 
 async fn assert_nothing_in_flight(h: &Harness) {
-    let stats = h.proxy.stats();
+    let stats = h.proxy.metrics();
     assert!(
-        eventually(NOT_A_HANG, || stats.inflight.load(Ordering::SeqCst) == 0).await,
+        eventually(NOT_A_HANG, || stats.inflight.get() == 0).await,
         "the in-flight gauge returns to 0"
     );
 }

@@ -146,6 +146,25 @@ pub enum CredentialSettings {
     Header(HeaderSettings),
 }
 
+impl CredentialSettings {
+    /// The `type` key's value.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CredentialSettings::OAuth(_) => "oauth",
+            CredentialSettings::Header(_) => "header",
+        }
+    }
+
+    /// The secret this credential holds (the OAuth client secret, or the static value): what the
+    /// local token endpoint's signing keys are derived from.
+    pub fn secret(&self) -> &Secret {
+        match self {
+            CredentialSettings::OAuth(o) => &o.client_secret,
+            CredentialSettings::Header(h) => &h.value,
+        }
+    }
+}
+
 /// An OAuth client-credentials credential.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OAuthSettings {
@@ -317,6 +336,12 @@ impl Config {
                 })
             }
         }
+    }
+
+    /// Whether `/readyz` requires every credential in use to hold a valid token now
+    /// (`[admin] ready_requires = "all_tokens"`).
+    pub fn ready_requires_all_tokens(&self) -> bool {
+        false
     }
 
     /// Names of credentials referenced by at least one route, sorted, deduplicated.

@@ -25,18 +25,19 @@
 pub mod fetch;
 pub mod verify;
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use http::{HeaderName, HeaderValue};
+use http::HeaderValue;
 use rand::Rng;
 use tokio::sync::{watch, Notify};
 
-use crate::config::{CredentialSettings, OAuthSettings};
-use crate::metrics::{Metrics, TokenLabels, VerificationLabels};
+use crate::config::OAuthSettings;
+use crate::error::ErrorChain;
+use crate::metrics::{CredentialLabels, Metrics, TokenLabels, VerificationLabels};
+use prometheus_client::metrics::counter::Counter;
 use verify::{Expectations, Jwks, VerifyError};
 
 /// Why one attempt to obtain a token failed. Never carries the endpoint's raw body.
@@ -160,16 +161,6 @@ pub struct CredentialStatus {
     pub attempts: u64,
 }
 
-/// Counters of one credential that tests and the status page read; token outcomes and
-/// verification failures go to the Prometheus families in [`Metrics`].
-#[derive(Debug, Default)]
-pub struct TokenCounters {
-    /// Requests that found the cache cold and waited for a fetch.
-    pub cold_waits: AtomicU64,
-    /// Forced refreshes after an upstream 401.
-    pub forced_refreshes: AtomicU64,
-}
-
 /// Timings of the lifecycle; the defaults are the product's, tests may shorten them.
 #[derive(Debug, Clone)]
 pub struct Tuning {
@@ -200,58 +191,6 @@ impl Default for Tuning {
     }
 }
 
-/// A credential as the pipeline uses it.
-#[derive(Debug)]
-pub enum Credential {
-    /// OAuth client credentials with a token cache.
-    OAuth(Arc<OAuthCredential>),
-    /// A static header.
-    Header {
-        /// Header to set.
-        name: HeaderName,
-        /// Its value, marked sensitive.
-        value: HeaderValue,
-    },
-}
-
-impl Credential {
-    /// Builds the runtime credential; `oauth` ones need a task running [`OAuthCredential::run_refresher`].
-    pub fn new(
-        name: &str,
-        settings: &CredentialSettings,
-        http: &reqwest::Client,
-        jwks: &mut BTreeMap<String, Arc<Jwks>>,
-        tuning: &Tuning,
-        metrics: &Arc<Metrics>,
-    ) -> Result<Credential, String> {
-        match settings {
-            CredentialSettings::OAuth(s) => {
-                let jwks = jwks
-                    .entry(s.jwks_url.to_string())
-                    .or_insert_with(|| Arc::new(Jwks::new(s.jwks_url.clone(), http.clone())))
-                    .clone();
-                Ok(Credential::OAuth(Arc::new(OAuthCredential::new(
-                    name,
-                    s.clone(),
-                    http.clone(),
-                    jwks,
-                    tuning.clone(),
-                    Arc::clone(metrics),
-                ))))
-            }
-            CredentialSettings::Header(h) => {
-                let mut value = HeaderValue::from_str(h.value.expose())
-                    .map_err(|_| format!("credential {name}: value is not a valid header value"))?;
-                value.set_sensitive(true);
-                Ok(Credential::Header {
-                    name: h.header.clone(),
-                    value,
-                })
-            }
-        }
-    }
-}
-
 /// An `oauth` credential: settings, token cache and refresher state.
 #[derive(Debug)]
 pub struct OAuthCredential {
@@ -266,16 +205,19 @@ pub struct OAuthCredential {
     /// Wakes the refresher: a cold request or a forced refresh.
     wake: Notify,
     force: AtomicBool,
+    /// Set by the first token obtained: readiness waits for it once, not after every loss.
+    held: AtomicBool,
     last_forced: Mutex<Option<Instant>>,
     /// Bumped after every completed attempt; cold requests wait on it.
     attempts: watch::Sender<u64>,
-    /// Counters for tests and status.
-    pub counters: TokenCounters,
+    /// `token_cold_waits_total` and `token_forced_refreshes_total` of this credential.
+    cold_waits: Counter,
+    forced_refreshes: Counter,
     metrics: Arc<Metrics>,
 }
 
 impl OAuthCredential {
-    fn new(
+    pub(crate) fn new(
         name: &str,
         settings: OAuthSettings,
         http: reqwest::Client,
@@ -289,6 +231,14 @@ impl OAuthCredential {
             algorithms: settings.algorithms.clone(),
             leeway: settings.leeway,
         };
+        let labels = CredentialLabels {
+            credential: Arc::from(name),
+        };
+        let cold_waits = metrics.token_cold_waits.get_or_create(&labels).clone();
+        let forced_refreshes = metrics
+            .token_forced_refreshes
+            .get_or_create(&labels)
+            .clone();
         OAuthCredential {
             name: Arc::from(name),
             settings,
@@ -300,9 +250,11 @@ impl OAuthCredential {
             status: ArcSwap::from_pointee(CredentialStatus::default()),
             wake: Notify::new(),
             force: AtomicBool::new(false),
+            held: AtomicBool::new(false),
             last_forced: Mutex::new(None),
             attempts: watch::channel(0).0,
-            counters: TokenCounters::default(),
+            cold_waits,
+            forced_refreshes,
             metrics,
         }
     }
@@ -315,6 +267,59 @@ impl OAuthCredential {
     /// Its settings (reload compares them to decide whether the cached token survives).
     pub fn settings(&self) -> &OAuthSettings {
         &self.settings
+    }
+
+    /// Requests that found the cache cold and waited for a fetch.
+    pub fn cold_waits(&self) -> u64 {
+        self.cold_waits.get()
+    }
+
+    /// Refreshes forced by an upstream 401.
+    pub fn forced_refreshes(&self) -> u64 {
+        self.forced_refreshes.get()
+    }
+
+    /// Whether it has held a valid token since it was built.
+    pub fn has_held_token(&self) -> bool {
+        self.held.load(Ordering::Acquire)
+    }
+
+    /// Its `/status` entry (without the name): endpoint, audience, token health. Never the token.
+    pub fn describe(&self, now: SystemTime) -> serde_json::Value {
+        let status = self.status();
+        let token = self.current();
+        serde_json::json!({
+            "type": "oauth",
+            "token_url": self.settings.token_url.as_str(),
+            "audience": self.settings.audience,
+            "token_valid": token.is_some(),
+            "valid_until": rfc3339(status.valid_until),
+            "expires_in_seconds": token.map(|t| t.expires_at.duration_since(now).unwrap_or_default().as_secs()),
+            "last_refresh": rfc3339(status.last_refresh),
+            "consecutive_failures": status.consecutive_failures,
+            "last_error": status.last_error,
+            "token_requests": status.attempts,
+            "forced_refreshes": self.forced_refreshes.get(),
+        })
+    }
+
+    /// One verified token (waiting for the refresher's fetch when the cache is cold), described
+    /// for `check --fetch`: expiry and scopes, never the token.
+    pub async fn check(&self) -> Result<String, String> {
+        match self.token().await {
+            Ok(token) => {
+                let left = token
+                    .expires_at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                Ok(format!(
+                    "token OK, expires in {}, scopes: {}",
+                    humantime::format_duration(Duration::from_secs(left.as_secs())),
+                    token.scope.as_deref().unwrap_or("-")
+                ))
+            }
+            Err(e) => Err(e.last_error.unwrap_or_else(|| "no token".to_owned())),
+        }
     }
 
     /// A snapshot of its health.
@@ -336,7 +341,7 @@ impl OAuthCredential {
         if let Some(t) = self.current() {
             return Ok(t);
         }
-        self.counters.cold_waits.fetch_add(1, Ordering::Relaxed);
+        self.cold_waits.inc();
         let mut attempts = self.attempts.subscribe();
         // Bounded: each round waits for one completed attempt; a success ends it, a failure
         // puts the credential in backoff, which ends it too.
@@ -398,9 +403,7 @@ impl OAuthCredential {
         if !arc_swap_ptr_eq(&prev, &current) {
             return true;
         }
-        self.counters
-            .forced_refreshes
-            .fetch_add(1, Ordering::Relaxed);
+        self.forced_refreshes.inc();
         self.force.store(true, Ordering::Release);
         self.wake.notify_one();
         tracing::info!(credential = %self.name, "upstream refused the token; forcing a refresh");
@@ -455,6 +458,7 @@ impl OAuthCredential {
                     "token obtained"
                 );
                 self.token.store(Some(Arc::new(token)));
+                self.held.store(true, Ordering::Release);
             }
             Err(e) => {
                 self.count_outcome(e.outcome());
@@ -567,18 +571,9 @@ fn arc_swap_ptr_eq(a: &Option<Arc<Token>>, b: &Option<Arc<Token>>) -> bool {
     }
 }
 
-/// Displays an error with its `source()` chain, `a: b: c`.
-#[derive(Debug)]
-pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(s) = source {
-            write!(f, ": {s}")?;
-            source = s.source();
-        }
-        Ok(())
-    }
+/// An RFC 3339 time for status documents, `null` when absent.
+pub fn rfc3339(t: Option<SystemTime>) -> serde_json::Value {
+    t.map_or(serde_json::Value::Null, |t| {
+        serde_json::Value::from(humantime::format_rfc3339_seconds(t).to_string())
+    })
 }

@@ -1,0 +1,27 @@
+//! Phase 5, `credential`: what the route's credential injects, from its cache without waiting on
+//! the network; only a cold cache waits, sharing one fetch with every other waiter. No valid
+//! token: 503 `token_unavailable` with `Retry-After`.
+
+use std::sync::Arc;
+
+use crate::credential::{Credential, Injection};
+use crate::error::ProxyError;
+use crate::routes::Route;
+use crate::runtime::Runtime;
+
+/// The route's credential and what it injects into this request.
+pub(super) async fn credential(
+    rt: &Runtime,
+    route: &Route,
+) -> Result<(Arc<Credential>, Injection), ProxyError> {
+    // Runtime::build resolves every route's credential, so a miss cannot happen; 404 rather
+    // than a panic if it ever did.
+    let credential = rt
+        .credential(&route.credential)
+        .ok_or(ProxyError::NoRoute)?;
+    let injection = credential
+        .injection()
+        .await
+        .map_err(ProxyError::TokenUnavailable)?;
+    Ok((Arc::clone(credential), injection))
+}

@@ -1,0 +1,40 @@
+//! Phase 8, `upstream_401`: the upstream refused the credential. The credential drops the token
+//! that was refused (only if it is still the cached one; forced refreshes are limited per
+//! credential) and, when the request's body was kept, the request is replayed once with a fresh
+//! token. Otherwise the 401 goes back to the client.
+
+use std::sync::Arc;
+
+use http::StatusCode;
+
+use super::forward::{forward, Answer};
+use super::upstream_request::Replay;
+use crate::credential::{Credential, Injection};
+use crate::error::ProxyError;
+use crate::routes::Route;
+use crate::runtime::Runtime;
+
+/// The answer to give the client: `answer` itself, or the replay's.
+pub(super) async fn upstream_401(
+    rt: &Runtime,
+    route: &Route,
+    credential: &Arc<Credential>,
+    used: &Injection,
+    replay: Option<Replay>,
+    answer: Answer,
+) -> Result<Answer, ProxyError> {
+    if answer.0.status() != StatusCode::UNAUTHORIZED {
+        return Ok(answer);
+    }
+    // Not replayable, the token is dropped all the same: the next request gets a fresh one.
+    let Some(fresh) = credential.after_unauthorized(used, replay.is_some()).await else {
+        return Ok(answer);
+    };
+    let Some(replay) = replay else {
+        return Ok(answer);
+    };
+    // The refused response and its connection go before the replay takes another.
+    drop(answer);
+    rt.metrics.replays.inc();
+    forward(rt, route, replay.into_request(&fresh), None).await
+}
