@@ -345,7 +345,7 @@ pub fn parse_token_request(
 }
 
 /// `Basic base64(id:secret)` with both parts form-decoded, as RFC 6749 section 2.3.1 says.
-fn basic_credentials(header: &str) -> Option<(String, String)> {
+pub(crate) fn basic_credentials(header: &str) -> Option<(String, String)> {
     let (scheme, encoded) = header.trim().split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;

@@ -142,3 +142,55 @@ async fn wrong_client_secret_gives_503_and_nothing_upstream() {
     );
     assert_eq!(h.emulator.upstream_requests(), 0);
 }
+
+#[tokio::test]
+async fn client_secret_basic_sends_the_credentials_as_http_basic_and_not_in_the_body() {
+    // `:` and `%` are what RFC 6749 2.3.1's form-encoding before the base64 is for.
+    let secret = "s3cr:t%2F+&x y";
+    for format in ["form", "json"] {
+        let setup = Setup {
+            emulator: Emulator::builder().client("basic:client", secret),
+            client_id: "basic:client".into(),
+            client_secret: secret.into(),
+            credential_extra: format!(
+                "auth_method = \"client_secret_basic\"\nrequest_format = \"{format}\""
+            ),
+            ..Setup::default()
+        };
+        let h = Harness::with(setup).await;
+        let response = h.get("/deploy/api/projects/v1").await;
+        assert_eq!(response.status(), 200, "{format}");
+        let log = h.emulator.token_request_log();
+        assert_eq!(log.len(), 1, "{format}");
+        assert_eq!(
+            log[0].outcome_status, 200,
+            "{format}: the emulator accepted it"
+        );
+        assert!(log[0].basic_auth, "{format}: HTTP Basic was used");
+        assert!(!log[0].secret_in_body, "{format}: no secret in the body");
+        assert_eq!(log[0].client_id.as_deref(), Some("basic:client"));
+    }
+}
+
+#[tokio::test]
+async fn client_secret_post_stays_the_default() {
+    let h = Harness::start().await;
+    assert_eq!(h.get("/deploy/api/projects/v1").await.status(), 200);
+    let log = h.emulator.token_request_log();
+    assert_eq!(log.len(), 1);
+    assert!(!log[0].basic_auth);
+    assert!(log[0].secret_in_body);
+}
+
+#[tokio::test]
+async fn an_unknown_auth_method_is_a_config_error_naming_the_key() {
+    let text = "[credentials.automation]\nclient_id = \"a\"\nclient_secret = \"b\"\nauth_method = \"private_key_jwt\"\n\n[[routes]]\nprefix = \"/x\"\nupstream = \"http://127.0.0.1:1\"\ncredential = \"automation\"\n";
+    let error =
+        sitecore_auth_proxy::config::Config::parse(text, std::path::Path::new("p.toml"), &|_| None)
+            .expect_err("refused")
+            .to_string();
+    assert!(
+        error.contains("credentials.automation.auth_method"),
+        "{error}"
+    );
+}

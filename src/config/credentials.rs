@@ -207,6 +207,7 @@ fn oauth(raw: RawOAuth, key: &str, cx: &mut Cx) -> Option<OAuthSettings> {
         token_url: token_url?,
         audience: audience?,
         request_format: raw.request_format.unwrap_or(RequestFormat::Form),
+        auth_method: raw.auth_method.unwrap_or_default(),
         extra_params,
         issuer: issuer?,
         jwks_url: jwks_url?,

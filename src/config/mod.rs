@@ -180,6 +180,8 @@ pub struct OAuthSettings {
     pub audience: String,
     /// How the token request body is encoded.
     pub request_format: RequestFormat,
+    /// How the client authenticates to the token endpoint.
+    pub auth_method: AuthMethod,
     /// Extra fields sent to the token endpoint.
     pub extra_params: BTreeMap<String, String>,
     /// The `iss` tokens must carry (default: `scheme://authority/` of `token_url`).
@@ -203,6 +205,18 @@ pub enum RequestFormat {
     Form,
     /// `application/json`.
     Json,
+}
+
+/// How a client authenticates to the token endpoint (RFC 6749 section 2.3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMethod {
+    /// `client_id` and `client_secret` in the request body (the default; what Sitecore's
+    /// endpoint documents).
+    #[default]
+    ClientSecretPost,
+    /// HTTP Basic with the form-encoded id and secret; neither is sent in the body.
+    ClientSecretBasic,
 }
 
 /// A static credential injected as a header.

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_path_to_error::Segment;
 
-use super::{key_join, Problems, RequestFormat};
+use super::{key_join, AuthMethod, Problems, RequestFormat};
 
 /// `[server]`.
 #[derive(Debug, Default, Deserialize)]
@@ -51,6 +51,7 @@ pub(super) struct RawOAuth {
     pub token_url: Option<String>,
     pub audience: Option<String>,
     pub request_format: Option<RequestFormat>,
+    pub auth_method: Option<AuthMethod>,
     pub extra_params: Option<BTreeMap<String, String>>,
     pub issuer: Option<String>,
     pub jwks_url: Option<String>,

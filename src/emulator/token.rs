@@ -316,6 +316,8 @@ pub(super) async fn handle(shared: &Shared, request: Request<Incoming>) -> Respo
                 client_id: None,
                 audience: None,
                 grant_type: None,
+                basic_auth: false,
+                secret_in_body: false,
                 outcome_status: StatusCode::METHOD_NOT_ALLOWED.as_u16(),
             };
             shared.record_token_request(record);
@@ -445,14 +447,31 @@ fn form_decode(raw: &str) -> Option<String> {
 
 async fn token_endpoint(shared: &Shared, request: Request<Incoming>) -> Response<ResponseBody> {
     let content_type = content_type(&request).to_owned();
+    let basic = request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::inbound::basic_credentials);
     let body = Limited::new(request.into_body(), MAX_TOKEN_REQUEST_BODY)
         .collect()
         .await
         .map(|collected| collected.to_bytes());
-    let params = body
+    let mut params = body
         .ok()
         .and_then(|body| parse_token_request(&content_type, &body));
+    let secret_in_body = params.as_ref().is_some_and(|p| p.client_secret.is_some());
+    let basic_auth = basic.is_some();
+    if let Some((id, secret)) = basic {
+        // RFC 6749 section 2.3: one authentication method per request; both is malformed.
+        params = params.and_then(|mut p| {
+            p.set("client_id", id)?;
+            p.set("client_secret", secret)?;
+            Some(p)
+        });
+    }
     let mut record = TokenRequestRecord {
+        basic_auth,
+        secret_in_body,
         content_type,
         client_id: params.as_ref().and_then(|p| p.client_id.clone()),
         audience: params.as_ref().and_then(|p| p.audience.clone()),

@@ -221,6 +221,10 @@ pub struct TokenRequestRecord {
     pub audience: Option<String>,
     /// The `grant_type` field.
     pub grant_type: Option<String>,
+    /// Whether the client authenticated with HTTP Basic (`client_secret_basic`).
+    pub basic_auth: bool,
+    /// Whether the body carried a `client_secret` field.
+    pub secret_in_body: bool,
     /// The status the endpoint answered.
     pub outcome_status: u16,
 }

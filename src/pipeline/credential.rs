@@ -2,6 +2,7 @@
 //! the network; only a cold cache waits, sharing one fetch with every other waiter. No valid
 //! token: 503 `token_unavailable` with `Retry-After`.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use crate::credential::{Credential, Injection};
@@ -10,18 +11,22 @@ use crate::routes::Route;
 use crate::runtime::Runtime;
 
 /// The route's credential and what it injects into this request.
-pub(super) async fn credential(
-    rt: &Runtime,
-    route: &Route,
-) -> Result<(Arc<Credential>, Injection), ProxyError> {
-    // Runtime::build resolves every route's credential, so a miss cannot happen; 404 rather
-    // than a panic if it ever did.
-    let credential = rt
-        .credential(&route.credential)
-        .ok_or(ProxyError::NoRoute)?;
-    let injection = credential
-        .injection()
-        .await
-        .map_err(ProxyError::TokenUnavailable)?;
-    Ok((Arc::clone(credential), injection))
+// Not an `async fn`: its arguments would be stored twice in every request's future.
+#[allow(clippy::manual_async_fn)]
+pub(super) fn credential<'a>(
+    rt: &'a Runtime,
+    route: &'a Route,
+) -> impl Future<Output = Result<(Arc<Credential>, Injection), ProxyError>> + 'a {
+    async move {
+        // Runtime::build resolves every route's credential, so a miss cannot happen; 404
+        // rather than a panic if it ever did.
+        let credential = rt
+            .credential(&route.credential)
+            .ok_or(ProxyError::NoRoute)?;
+        let injection = credential
+            .injection()
+            .await
+            .map_err(ProxyError::TokenUnavailable)?;
+        Ok((Arc::clone(credential), injection))
+    }
 }

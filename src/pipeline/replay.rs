@@ -3,7 +3,7 @@
 //! credential) and, when the request's body was kept, the request is replayed once with a fresh
 //! token. Otherwise the 401 goes back to the client.
 
-use std::sync::Arc;
+use std::future::Future;
 
 use http::StatusCode;
 
@@ -15,17 +15,33 @@ use crate::routes::Route;
 use crate::runtime::Runtime;
 
 /// The answer to give the client: `answer` itself, or the replay's.
-pub(super) async fn upstream_401(
+// Not an `async fn`, for the reason given in `forward`.
+#[allow(clippy::manual_async_fn)]
+pub(super) fn upstream_401<'a>(
+    rt: &'a Runtime,
+    route: &'a Route,
+    credential: &'a Credential,
+    used: &'a Injection,
+    replay: Option<Replay>,
+    answer: Answer,
+) -> impl Future<Output = Result<Answer, ProxyError>> + 'a {
+    async move {
+        if answer.0.status() != StatusCode::UNAUTHORIZED {
+            return Ok(answer);
+        }
+        // Rare, and boxed so that every request's future does not carry the replay's state.
+        Box::pin(after_401(rt, route, credential, used, replay, answer)).await
+    }
+}
+
+async fn after_401(
     rt: &Runtime,
     route: &Route,
-    credential: &Arc<Credential>,
+    credential: &Credential,
     used: &Injection,
     replay: Option<Replay>,
     answer: Answer,
 ) -> Result<Answer, ProxyError> {
-    if answer.0.status() != StatusCode::UNAUTHORIZED {
-        return Ok(answer);
-    }
     // Not replayable, the token is dropped all the same: the next request gets a fresh one.
     let Some(fresh) = credential.after_unauthorized(used, replay.is_some()).await else {
         return Ok(answer);

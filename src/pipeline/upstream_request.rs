@@ -5,6 +5,7 @@
 //! kept for a replay after a 401. A larger one streams, watched so that its end starts the wait
 //! for the upstream's answer.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -48,63 +49,71 @@ impl Replay {
 }
 
 /// Builds the upstream request from the client's.
-pub(super) async fn upstream_request(
-    rt: &Runtime,
-    route: &Route,
-    injection: &Injection,
+// Not an `async fn`: its arguments would be stored twice in every request's future.
+#[allow(clippy::manual_async_fn)]
+pub(super) fn upstream_request<'a>(
+    rt: &'a Runtime,
+    route: &'a Route,
+    injection: &'a Injection,
     may_replay: bool,
     req: Request<Incoming>,
-    conn: &ConnInfo,
-) -> Result<Prepared, ProxyError> {
-    let (parts, body) = req.into_parts();
-    let uri = route
-        .upstream_uri(&parts.uri)
-        .ok_or(ProxyError::BadRequest("The request target is malformed."))?;
-    let mut headers = parts.headers;
-    strip_hop_by_hop(&mut headers);
-    strip_inbound_credentials(&mut headers);
-    let original_host = headers.insert(header::HOST, route.host_header.clone());
-    if rt.forwarded_headers {
-        // HTTP/2 carries the host in :authority.
-        let host = original_host.or_else(|| {
-            let authority = parts.uri.authority()?;
-            HeaderValue::from_str(authority.as_str()).ok()
-        });
-        add_forwarded_headers(&mut headers, conn, host);
-    }
-    injection.apply(&mut headers);
-
-    let (kept, body, upload) = match declared_len(&headers, &body) {
-        Some(len) if len > rt.replay_body_limit => {
-            let (body, watch) = PeerBody::new(body, route.timeout).watched();
-            (None, ProxyBody::Streamed(body), Some(watch))
+    conn: &'a ConnInfo,
+) -> impl Future<Output = Result<Prepared, ProxyError>> + 'a {
+    async move {
+        let (parts, body) = req.into_parts();
+        let uri = route
+            .upstream_uri(&parts.uri)
+            .ok_or(ProxyError::BadRequest("The request target is malformed."))?;
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        strip_inbound_credentials(&mut headers);
+        let original_host = headers.insert(header::HOST, route.host_header.clone());
+        if rt.forwarded_headers {
+            // HTTP/2 carries the host in :authority.
+            let host = original_host.or_else(|| {
+                let authority = parts.uri.authority()?;
+                HeaderValue::from_str(authority.as_str()).ok()
+            });
+            add_forwarded_headers(&mut headers, conn, host);
         }
-        _ if body.is_end_stream() => (Some(Bytes::new()), ProxyBody::Empty, None),
-        _ => match read_ahead(PeerBody::new(body, route.timeout), rt.replay_body_limit).await {
-            Ok(ReadAhead::Complete(bytes)) => (Some(bytes.clone()), ProxyBody::full(bytes), None),
-            Ok(ReadAhead::Partial { head, rest }) => {
-                let (rest, watch) = rest.watched();
-                (None, ProxyBody::Prefixed { head, rest }, Some(watch))
+        injection.apply(&mut headers);
+
+        let (kept, body, upload) = match declared_len(&headers, &body) {
+            Some(len) if len > rt.replay_body_limit => {
+                let (body, watch) = PeerBody::new(body, route.timeout).watched();
+                (None, ProxyBody::Streamed(body), Some(watch))
             }
-            Err(BodyError::Idle(_)) => return Err(ProxyError::RequestBodyStalled(route.timeout)),
-            Err(BodyError::Peer(_)) => {
-                return Err(ProxyError::BadRequest(
-                    "The request body is malformed or incomplete.",
-                ))
-            }
-        },
-    };
-    let replay = kept.filter(|_| may_replay).map(|body| Replay {
-        method: parts.method.clone(),
-        uri: uri.clone(),
-        headers: headers.clone(),
-        body,
-    });
-    Ok(Prepared {
-        request: build(parts.method, uri, headers, body),
-        replay,
-        upload,
-    })
+            _ if body.is_end_stream() => (Some(Bytes::new()), ProxyBody::Empty, None),
+            _ => match read_ahead(PeerBody::new(body, route.timeout), rt.replay_body_limit).await {
+                Ok(ReadAhead::Complete(bytes)) => {
+                    (Some(bytes.clone()), ProxyBody::full(bytes), None)
+                }
+                Ok(ReadAhead::Partial { head, rest }) => {
+                    let (rest, watch) = rest.watched();
+                    (None, ProxyBody::Prefixed { head, rest }, Some(watch))
+                }
+                Err(BodyError::Idle(_)) => {
+                    return Err(ProxyError::RequestBodyStalled(route.timeout))
+                }
+                Err(BodyError::Peer(_)) => {
+                    return Err(ProxyError::BadRequest(
+                        "The request body is malformed or incomplete.",
+                    ))
+                }
+            },
+        };
+        let replay = kept.filter(|_| may_replay).map(|body| Replay {
+            method: parts.method.clone(),
+            uri: uri.clone(),
+            headers: headers.clone(),
+            body,
+        });
+        Ok(Prepared {
+            request: build(parts.method, uri, headers, body),
+            replay,
+            upload,
+        })
+    }
 }
 
 /// The body length the request declares (HTTP/1.1 `Content-Length`, or HTTP/2's exact hint).

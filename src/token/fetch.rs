@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::HeaderMap;
 use serde::Deserialize;
 
-use crate::config::{OAuthSettings, RequestFormat};
+use crate::config::{AuthMethod, OAuthSettings, RequestFormat};
 use crate::secret::Secret;
 use crate::token::TokenError;
 
@@ -45,21 +45,24 @@ pub async fn request_token(
     http: &reqwest::Client,
     settings: &OAuthSettings,
 ) -> Result<TokenResponse, TokenError> {
-    let mut fields: Vec<(&str, &str)> = vec![
-        ("grant_type", "client_credentials"),
-        ("client_id", &settings.client_id),
-        ("client_secret", settings.client_secret.expose()),
-        ("audience", &settings.audience),
-    ];
+    let mut fields: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
+    if settings.auth_method == AuthMethod::ClientSecretPost {
+        fields.push(("client_id", &settings.client_id));
+        fields.push(("client_secret", settings.client_secret.expose()));
+    }
+    fields.push(("audience", &settings.audience));
     fields.extend(
         settings
             .extra_params
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str())),
     );
-    let request = http
+    let mut request = http
         .post(settings.token_url.clone())
         .header(http::header::ACCEPT, "application/json");
+    if settings.auth_method == AuthMethod::ClientSecretBasic {
+        request = request.header(http::header::AUTHORIZATION, basic_authorization(settings)?);
+    }
     let request = match settings.request_format {
         RequestFormat::Form => request.form(&fields),
         RequestFormat::Json => {
@@ -87,6 +90,23 @@ pub async fn request_token(
         status: status.as_u16(),
         code,
     })
+}
+
+/// `Basic base64(form(id) ":" form(secret))`: RFC 6749 section 2.3.1 form-encodes both parts
+/// before joining them, so a `:` or `%` in the secret survives. Marked sensitive.
+fn basic_authorization(settings: &OAuthSettings) -> Result<http::HeaderValue, TokenError> {
+    use base64::Engine;
+    let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let pair = Secret::new(format!(
+        "{}:{}",
+        encode(&settings.client_id),
+        encode(settings.client_secret.expose())
+    ));
+    let encoded = base64::engine::general_purpose::STANDARD.encode(pair.expose());
+    let mut value = http::HeaderValue::try_from(format!("Basic {encoded}"))
+        .map_err(|_| TokenError::Malformed("client credentials are not a valid header"))?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 fn classify_reqwest(e: reqwest::Error) -> TokenError {
