@@ -22,7 +22,7 @@ use crate::app::Shared;
 use crate::body::ProxyBody;
 use crate::config::CredentialSettings;
 use crate::error::json_response;
-use crate::metrics::{CredentialLabels, WorkerLabels};
+use crate::metrics::CredentialLabels;
 use crate::token::Credential;
 
 /// Serves the admin endpoints until `stop` turns true.
@@ -122,12 +122,6 @@ fn metrics_text(shared: &Shared) -> String {
     metrics
         .inflight
         .set(shared.stats.inflight.load(Ordering::Relaxed));
-    for (worker, open) in shared.stats.open_connections().into_iter().enumerate() {
-        metrics
-            .open_connections
-            .get_or_create(&WorkerLabels { worker })
-            .set(open as i64);
-    }
     let now = SystemTime::now();
     for credential in shared.runtime.load().oauth_credentials() {
         let left = credential
@@ -229,7 +223,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "tls": config.server.tls.is_some(),
         "requests_total": shared.stats.requests.load(Ordering::Relaxed),
         "inflight_requests": shared.stats.inflight.load(Ordering::Relaxed),
-        "open_connections_by_worker": shared.stats.open_connections(),
+        "open_connections_by_worker": shared.open_connections(),
         "credentials": credentials,
         "routes": routes,
         "clients": clients,

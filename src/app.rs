@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -68,6 +69,8 @@ pub struct Shared {
     pub stats: Arc<PipelineStats>,
     /// Prometheus families.
     pub metrics: Arc<Metrics>,
+    /// Open client connections per worker: the server's `proxy_open_connections` gauges.
+    open_connections: Arc<[Gauge]>,
     /// Set the moment shutdown begins (`/readyz` turns 503).
     pub shutting_down: AtomicBool,
     /// Process start.
@@ -109,6 +112,11 @@ impl Shared {
                 task.abort();
             }
         }
+    }
+
+    /// Open client connections, per worker thread (one entry when served inline).
+    pub fn open_connections(&self) -> Vec<i64> {
+        self.open_connections.iter().map(Gauge::get).collect()
     }
 
     /// Whether `/readyz` should answer 200, and if not, why.
@@ -177,14 +185,13 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Sta
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (admin_stop, admin_stop_rx) = watch::channel(false);
     let (refresher_stop, refresher_stop_rx) = watch::channel(false);
-    let stats = Arc::new(PipelineStats::new(
-        Arc::clone(&metrics),
-        options.workers.pools(),
-    ));
+    let stats = Arc::new(PipelineStats::new(Arc::clone(&metrics)));
+    let open_connections = metrics.worker_connections(options.workers.pools());
     let shared = Arc::new(Shared {
         runtime: Arc::new(ArcSwap::from_pointee(runtime)),
         stats: Arc::clone(&stats),
         metrics,
+        open_connections: Arc::clone(&open_connections),
         shutting_down: AtomicBool::new(false),
         started_at: SystemTime::now(),
         tuning: options.tuning,
@@ -214,6 +221,7 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Sta
         options.workers,
         Arc::clone(&shared.runtime),
         stats,
+        open_connections,
         ListenerSettings::from(&config.server),
         shutdown_rx,
         cut_rx,
@@ -274,6 +282,11 @@ impl RunningProxy {
     /// Shared state (metrics, readiness).
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// Open client connections, per worker thread (one entry when served inline).
+    pub fn open_connections(&self) -> Vec<i64> {
+        self.shared.open_connections()
     }
 
     /// Pipeline counters (in-flight gauge, requests, replays).

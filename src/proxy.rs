@@ -22,7 +22,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -65,30 +65,19 @@ pub struct PipelineStats {
     pub requests: AtomicU64,
     /// Requests replayed after an upstream 401.
     pub replays: AtomicU64,
-    /// Open client connections, per worker thread (one entry when served inline).
-    pub open_connections: Arc<[AtomicUsize]>,
     /// The Prometheus families.
     pub metrics: Arc<Metrics>,
 }
 
 impl PipelineStats {
-    /// Counters at zero for `workers` worker threads, recording into `metrics`.
-    pub fn new(metrics: Arc<Metrics>, workers: usize) -> PipelineStats {
+    /// Counters at zero, recording into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> PipelineStats {
         PipelineStats {
             inflight: AtomicI64::new(0),
             requests: AtomicU64::new(0),
             replays: AtomicU64::new(0),
-            open_connections: (0..workers.max(1)).map(|_| AtomicUsize::new(0)).collect(),
             metrics,
         }
-    }
-
-    /// Open client connections, per worker thread.
-    pub fn open_connections(&self) -> Vec<usize> {
-        self.open_connections
-            .iter()
-            .map(|n| n.load(Ordering::Relaxed))
-            .collect()
     }
 }
 

@@ -27,6 +27,7 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
@@ -185,41 +186,46 @@ pub enum SpawnError {
         #[source]
         source: std::io::Error,
     },
-    /// `PipelineStats::open_connections` was not made for this many workers.
-    #[error("the pipeline stats count connections for {counters} workers, not {workers}")]
+    /// The open-connection gauges are not one per worker.
+    #[error("{counters} open-connection gauges for {workers} workers")]
     Counters {
-        /// Worker threads to start.
+        /// Workers to start ([`Workers::pools`]).
         workers: usize,
-        /// Entries in `PipelineStats::open_connections`.
+        /// Gauges given.
         counters: usize,
     },
 }
 
-/// Starts serving `listener` as `workers` says. The returned task ends when every accept loop
-/// has drained (after `shutdown`); `cut` ends the drain at once, cutting what is left.
+/// Starts serving `listener` as `workers` says, counting each worker's open connections in its
+/// gauge of `open_connections` (one per worker, see [`Workers::pools`]). The returned task ends
+/// when every accept loop has drained (after `shutdown`); `cut` ends the drain at once, cutting
+/// what is left.
+// Eight until the pipeline's runtime and stats become one request handler.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     listener: TcpListener,
     workers: Workers,
     runtime: Arc<ArcSwap<Runtime>>,
     stats: Arc<PipelineStats>,
+    open_connections: Arc<[Gauge]>,
     settings: ListenerSettings,
     shutdown: watch::Receiver<bool>,
     cut: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>, SpawnError> {
-    let serving = Serving::new(runtime, stats, settings);
+    if open_connections.len() != workers.pools() {
+        return Err(SpawnError::Counters {
+            workers: workers.pools(),
+            counters: open_connections.len(),
+        });
+    }
+    let serving = Serving::new(runtime, stats, open_connections, settings);
     let n = match workers {
         Workers::Inline => {
             return Ok(tokio::spawn(serve(listener, serving, shutdown, cut, None)));
         }
         Workers::Threads(n) => n.get(),
     };
-    let open = &serving.stats.open_connections;
-    if open.len() != n {
-        return Err(SpawnError::Counters {
-            workers: n,
-            counters: open.len(),
-        });
-    }
+    let open = &serving.open;
     let worker_error = |index| move |source| SpawnError::Worker { index, source };
     let listener = listener.into_std().map_err(worker_error(0))?;
     // One worker takes every connection it accepts: nothing to spread.
@@ -274,6 +280,8 @@ struct Serving {
     builders: Arc<Builders>,
     runtime: Arc<ArcSwap<Runtime>>,
     stats: Arc<PipelineStats>,
+    /// Open connections per worker.
+    open: Arc<[Gauge]>,
     settings: ListenerSettings,
     limit: Arc<Semaphore>,
 }
@@ -282,12 +290,14 @@ impl Serving {
     fn new(
         runtime: Arc<ArcSwap<Runtime>>,
         stats: Arc<PipelineStats>,
+        open: Arc<[Gauge]>,
         settings: ListenerSettings,
     ) -> Serving {
         Serving {
             builders: Arc::new(Builders::new(&settings)),
             runtime,
             stats,
+            open,
             limit: Arc::new(Semaphore::new(settings.max_connections)),
             settings,
         }
@@ -303,9 +313,9 @@ impl Serving {
 /// worker runs while its inbox is open: one that has stopped (draining, or it failed) has
 /// closed it and is no longer picked.
 struct Spread {
-    /// Open connections per worker (`PipelineStats::open_connections`), each counted from its
+    /// Open connections per worker (the `proxy_open_connections` gauges), each counted from its
     /// placement until it ends.
-    open: Arc<[AtomicUsize]>,
+    open: Arc<[Gauge]>,
     inboxes: Box<[mpsc::UnboundedSender<Arrival>]>,
 }
 
@@ -334,13 +344,13 @@ struct Arrival {
 
 /// One open connection counted against the worker that serves it, until dropped.
 struct Seat {
-    open: Arc<[AtomicUsize]>,
+    open: Arc<[Gauge]>,
     worker: usize,
 }
 
 impl Seat {
-    fn take(open: &Arc<[AtomicUsize]>, worker: usize) -> Seat {
-        open[worker].fetch_add(1, Ordering::Relaxed);
+    fn take(open: &Arc<[Gauge]>, worker: usize) -> Seat {
+        open[worker].inc();
         Seat {
             open: Arc::clone(open),
             worker,
@@ -350,13 +360,13 @@ impl Seat {
 
 impl Drop for Seat {
     fn drop(&mut self) {
-        self.open[self.worker].fetch_sub(1, Ordering::Relaxed);
+        self.open[self.worker].dec();
     }
 }
 
 impl Spread {
     /// The lanes of `n` workers, in worker order, counting into `open` (one entry per worker).
-    fn lanes(open: &Arc<[AtomicUsize]>, n: usize) -> Vec<Lane> {
+    fn lanes(open: &Arc<[Gauge]>, n: usize) -> Vec<Lane> {
         let (inboxes, receivers): (Vec<_>, Vec<_>) =
             (0..n).map(|_| mpsc::unbounded_channel()).unzip();
         let spread = Arc::new(Spread {
@@ -386,11 +396,11 @@ impl Lane {
         permit: OwnedSemaphorePermit,
     ) -> Option<(tokio::net::TcpStream, OwnedSemaphorePermit, Seat)> {
         let Spread { open, inboxes } = &*self.spread;
-        let mine = open[self.index].load(Ordering::Relaxed);
+        let mine = open[self.index].get();
         // The least busy running worker (the lowest index on a tie).
         let least = (0..open.len())
             .filter(|&w| w != self.index && !inboxes[w].is_closed())
-            .map(|w| (open[w].load(Ordering::Relaxed), w))
+            .map(|w| (open[w].get(), w))
             .min()
             .filter(|&(count, _)| mine > count + 1);
         let Some((_, to)) = least else {
@@ -463,6 +473,7 @@ async fn serve(
         builders,
         runtime,
         stats,
+        open,
         settings,
         limit,
     } = serving;
@@ -504,7 +515,7 @@ async fn serve(
                 match &lane {
                     // The only accept loop: counted as worker 0.
                     None => {
-                        let seat = Seat::take(&stats.open_connections, 0);
+                        let seat = Seat::take(&open, 0);
                         (stream, peer, permit, seat)
                     }
                     Some(lane) => match lane.place(stream, peer, permit) {
@@ -593,7 +604,6 @@ async fn serve(
             tracing::warn!(
                 worker,
                 open_connections = connections.len(),
-                inflight_requests = stats.inflight.load(Ordering::Relaxed),
                 "shutdown grace elapsed; cutting the remaining connections and requests"
             );
             connections.shutdown().await;
@@ -928,7 +938,7 @@ mod tests {
     struct Two {
         listener: TcpListener,
         limit: Arc<Semaphore>,
-        open: Arc<[AtomicUsize]>,
+        open: Arc<[Gauge]>,
         lane: Lane,
         /// Worker 1's lane, until it leaves.
         other: Option<Lane>,
@@ -936,7 +946,7 @@ mod tests {
 
     impl Two {
         async fn new() -> Two {
-            let open: Arc<[AtomicUsize]> = (0..2).map(|_| AtomicUsize::new(0)).collect();
+            let open: Arc<[Gauge]> = (0..2).map(|_| Gauge::default()).collect();
             let mut lanes = Spread::lanes(&open, 2);
             let other = lanes.pop().expect("lane 1");
             let lane = lanes.pop().expect("lane 0");
@@ -965,8 +975,8 @@ mod tests {
             self.place().await.0.expect("kept by worker 0")
         }
 
-        fn counts(&self) -> [usize; 2] {
-            [0, 1].map(|w| self.open[w].load(Ordering::Relaxed))
+        fn counts(&self) -> [i64; 2] {
+            [0, 1].map(|w| self.open[w].get())
         }
     }
 
