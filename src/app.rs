@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use crate::config::{Config, ConfigError};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::proxy::PipelineStats;
+use crate::proxy_handler::ProxyHandler;
 use crate::runtime::{BuildError, Runtime};
 use crate::server::{self, ListenerSettings, Workers};
 use crate::token::{OAuthCredential, Tuning};
@@ -219,8 +220,7 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Sta
     let server = server::spawn(
         listener,
         options.workers,
-        Arc::clone(&shared.runtime),
-        stats,
+        Arc::new(ProxyHandler::new(Arc::clone(&shared.runtime), stats)),
         open_connections,
         ListenerSettings::from(&config.server),
         shutdown_rx,

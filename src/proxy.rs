@@ -20,7 +20,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -41,20 +40,9 @@ use crate::inbound::{ClientIdentity, Clients};
 use crate::metrics::{Metrics, RouteLabels, UpstreamErrorLabels};
 use crate::routes::{check_path, PathError, Route};
 use crate::runtime::Runtime;
-use crate::server::ConnActivity;
+use crate::server::{ConnActivity, ConnInfo};
 use crate::token::{Credential, ErrorChain, OAuthCredential, Token};
 use crate::upstream::{rewrite_location, strip_hop_by_hop, strip_inbound_credentials};
-
-/// Per-connection facts the pipeline needs.
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
-    /// The client's address.
-    pub peer: SocketAddr,
-    /// Whether the client connected over TLS.
-    pub tls: bool,
-    /// The connection's activity, for its idle deadline.
-    pub activity: Arc<ConnActivity>,
-}
 
 /// Live counters of the pipeline and the process's metrics.
 #[derive(Debug)]

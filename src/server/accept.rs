@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
@@ -15,9 +14,7 @@ use super::connection::Connection;
 use super::protocol::Builders;
 use super::spread::{Arrival, Lane, Seat};
 use super::workers::worker_index;
-use super::ListenerSettings;
-use crate::proxy::PipelineStats;
-use crate::runtime::Runtime;
+use super::{Handler, ListenerSettings};
 
 /// Written to a connection beyond `max_connections` before it is closed.
 const OVERLOADED_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
@@ -25,28 +22,33 @@ content-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent
 {\"error\":\"overloaded\",\"message\":\"The proxy is at its connection limit; retry later.\"}";
 
 /// What every accept loop of one listener shares, including the connection limit.
-#[derive(Clone)]
-pub(super) struct Serving {
+pub(super) struct Serving<H> {
     builders: Arc<Builders>,
-    runtime: Arc<ArcSwap<Runtime>>,
-    stats: Arc<PipelineStats>,
+    handler: Arc<H>,
     /// Open connections per worker.
     pub(super) open: Arc<[Gauge]>,
     settings: ListenerSettings,
     limit: Arc<Semaphore>,
 }
 
-impl Serving {
-    pub(super) fn new(
-        runtime: Arc<ArcSwap<Runtime>>,
-        stats: Arc<PipelineStats>,
-        open: Arc<[Gauge]>,
-        settings: ListenerSettings,
-    ) -> Serving {
+// Not derived: that would ask `H: Clone`.
+impl<H> Clone for Serving<H> {
+    fn clone(&self) -> Self {
+        Serving {
+            builders: Arc::clone(&self.builders),
+            handler: Arc::clone(&self.handler),
+            open: Arc::clone(&self.open),
+            settings: self.settings.clone(),
+            limit: Arc::clone(&self.limit),
+        }
+    }
+}
+
+impl<H> Serving<H> {
+    pub(super) fn new(handler: Arc<H>, open: Arc<[Gauge]>, settings: ListenerSettings) -> Self {
         Serving {
             builders: Arc::new(Builders::new(&settings)),
-            runtime,
-            stats,
+            handler,
             open,
             limit: Arc::new(Semaphore::new(settings.max_connections)),
             settings,
@@ -63,17 +65,16 @@ enum Next {
 /// One accept loop: serves `listener` until `shutdown` turns true, then drains for up to the
 /// grace period (or until `cut`) and cuts what is left. With a `lane` (one of several worker
 /// threads), an accepted connection may go to a less busy worker (see `Spread`).
-pub(super) async fn serve(
+pub(super) async fn serve<H: Handler>(
     listener: TcpListener,
-    serving: Serving,
+    serving: Serving<H>,
     mut shutdown: watch::Receiver<bool>,
     mut cut: watch::Receiver<bool>,
     mut lane: Option<Lane>,
 ) {
     let Serving {
         builders,
-        runtime,
-        stats,
+        handler,
         open,
         settings,
         limit,
@@ -138,11 +139,10 @@ pub(super) async fn serve(
                 }
             },
         };
-        let tls = runtime.load().tls.clone();
+        let tls = handler.tls();
         let connection = Connection {
             builders: Arc::clone(&builders),
-            runtime: Arc::clone(&runtime),
-            stats: Arc::clone(&stats),
+            handler: Arc::clone(&handler),
             shutdown: shutdown.clone(),
             idle_timeout: settings.idle_timeout,
             header_read_timeout: settings.header_read_timeout,

@@ -1,8 +1,23 @@
-//! What the server knows about one client connection while it is open: its request activity,
-//! which decides its idle deadline.
+//! What the server knows about one client connection, and hands to the request handler with it:
+//! its peer, whether it is TLS, and its request activity, which decides its idle deadline.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Per-connection facts the request handler gets with each new connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Whether the client connected over TLS.
+    pub tls: bool,
+    /// The connection's activity, for its idle deadline: the handler calls
+    /// [`ConnActivity::begin`] when a request starts and [`ConnActivity::end`] when its response
+    /// has finished (or was abandoned).
+    pub activity: Arc<ConnActivity>,
+}
 
 /// What one client connection is doing, for its idle deadline.
 #[derive(Debug)]

@@ -1,33 +1,29 @@
 //! Serving one client connection: the TLS handshake or the protocol sniff, then hyper's
 //! connection for its protocol, driven by the connection's watch.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
 use tokio::sync::watch;
 
-use super::activity::ConnActivity;
+use super::activity::{ConnActivity, ConnInfo};
 use super::protocol::{sniff, Builders, Proto};
 use super::watch::Watch;
-use crate::proxy::{process_request, ConnInfo, PipelineStats};
-use crate::runtime::Runtime;
+use super::Handler;
 
 /// What a connection task needs.
-pub(super) struct Connection {
+pub(super) struct Connection<H> {
     pub(super) builders: Arc<Builders>,
-    pub(super) runtime: Arc<ArcSwap<Runtime>>,
-    pub(super) stats: Arc<PipelineStats>,
+    pub(super) handler: Arc<H>,
     pub(super) shutdown: watch::Receiver<bool>,
     pub(super) idle_timeout: Duration,
     pub(super) header_read_timeout: Duration,
 }
 
-impl Connection {
+impl<H: Handler> Connection<H> {
     /// A plain connection: waits (within the first-request timeout) for its first bytes, then
     /// serves it.
     pub(super) async fn serve_plain(
@@ -103,19 +99,7 @@ impl Connection {
             tls,
             activity: Arc::clone(&activity),
         };
-        let runtime = self.runtime;
-        let stats = self.stats;
-        // The request future is boxed: hyper's HTTP/1 dispatcher keeps a slot the size of the
-        // service future for the connection's life, and ours is several KiB.
-        let service = service_fn(move |req| {
-            let runtime = runtime.load_full();
-            let stats = Arc::clone(&stats);
-            let info = info.clone();
-            let fut: std::pin::Pin<
-                Box<dyn std::future::Future<Output = Result<_, Infallible>> + Send>,
-            > = Box::pin(process_request(runtime, stats, req, info));
-            fut
-        });
+        let service = TowerToHyperService::new(self.handler.connection(info));
         let watch = Watch {
             activity,
             shutdown: self.shutdown,

@@ -1,11 +1,13 @@
 //! The client-facing listener: accept loop, connection limit, TLS, HTTP/1.1 + HTTP/2 (h2c prior
-//! knowledge, or ALPN with TLS), the idle timeout, and the graceful drain.
+//! knowledge, or ALPN with TLS), the idle timeout, and the graceful drain. It serves any
+//! [`Handler`]: one tower `Service` per connection (the proxy's is in `crate::proxy_handler`).
 //!
 //! The protocol comes from ALPN, or for plain connections from a `peek` at the first bytes, and
 //! the connection goes straight to hyper's HTTP/1 or HTTP/2 server; hyper-util's auto builder is
 //! only the fallback for a split HTTP/2 preface (`protocol`). Peeking instead of reading ahead
-//! keeps hyper's HTTP/1 read buffer at 8 KiB, and the request future and the TLS states are
-//! boxed, so an idle HTTP/1.1 connection costs about 13 KiB instead of 26.
+//! keeps hyper's HTTP/1 read buffer at 8 KiB, and the TLS states (and the proxy's request
+//! future, see [`Handler::Service`]) are boxed, so an idle HTTP/1.1 connection costs about
+//! 13 KiB instead of 26.
 //!
 //! With several worker threads (`workers`), the one that accepts a connection (`accept`)
 //! hands it to a less busy one when the open connections are uneven (`spread`).
@@ -18,16 +20,21 @@
 mod accept;
 mod activity;
 mod connection;
+mod handler;
 mod protocol;
 mod spread;
 mod watch;
 mod workers;
 
+#[cfg(test)]
+mod tests;
+
 use std::time::Duration;
 
 use crate::config::ServerSettings;
 
-pub use activity::ConnActivity;
+pub use activity::{ConnActivity, ConnInfo};
+pub use handler::{BoxError, Handler};
 pub use workers::{spawn, worker_index, SpawnError, Workers};
 
 /// Listener settings fixed for the life of the listener.

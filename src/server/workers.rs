@@ -5,7 +5,6 @@ use std::cell::Cell;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -13,9 +12,7 @@ use tokio::task::JoinHandle;
 
 use super::accept::{serve, Serving};
 use super::spread::Spread;
-use super::ListenerSettings;
-use crate::proxy::PipelineStats;
-use crate::runtime::Runtime;
+use super::{Handler, ListenerSettings};
 
 /// Where the proxy listener's connections are served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,17 +85,14 @@ pub enum SpawnError {
     },
 }
 
-/// Starts serving `listener` as `workers` says, counting each worker's open connections in its
-/// gauge of `open_connections` (one per worker, see [`Workers::pools`]). The returned task ends
-/// when every accept loop has drained (after `shutdown`); `cut` ends the drain at once, cutting
-/// what is left.
-// Eight until the pipeline's runtime and stats become one request handler.
-#[allow(clippy::too_many_arguments)]
-pub fn spawn(
+/// Starts serving `listener` with `handler` as `workers` says, counting each worker's open
+/// connections in its gauge of `open_connections` (one per worker, see [`Workers::pools`]). The
+/// returned task ends when every accept loop has drained (after `shutdown`); `cut` ends the
+/// drain at once, cutting what is left.
+pub fn spawn<H: Handler>(
     listener: TcpListener,
     workers: Workers,
-    runtime: Arc<ArcSwap<Runtime>>,
-    stats: Arc<PipelineStats>,
+    handler: Arc<H>,
     open_connections: Arc<[Gauge]>,
     settings: ListenerSettings,
     shutdown: watch::Receiver<bool>,
@@ -110,7 +104,7 @@ pub fn spawn(
             counters: open_connections.len(),
         });
     }
-    let serving = Serving::new(runtime, stats, open_connections, settings);
+    let serving = Serving::new(handler, open_connections, settings);
     let n = match workers {
         Workers::Inline => {
             return Ok(tokio::spawn(serve(listener, serving, shutdown, cut, None)));
