@@ -183,7 +183,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "listen": config.server.listen.to_string(),
         "tls": config.server.tls.is_some(),
         "inflight_requests": shared.metrics.inflight.get(),
-        "open_connections_by_worker": shared.stats.open_connections(),
+        "open_connections_by_worker": shared.open_connections(),
         "credentials": credentials,
         "routes": routes,
         "clients": clients,

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -15,8 +16,9 @@ use tokio::task::JoinHandle;
 use crate::config::{Config, ConfigError};
 use crate::credential::Credential;
 use crate::metrics::{Metrics, OutcomeLabels};
+use crate::pipeline::ProxyHandler;
 use crate::runtime::{BuildError, Runtime};
-use crate::server::{self, ListenerSettings, PipelineStats, Workers};
+use crate::server::{self, ListenerSettings, Workers};
 use crate::token::{OAuthCredential, Tuning};
 
 /// Why the proxy could not start.
@@ -64,10 +66,10 @@ pub struct Options {
 pub struct Shared {
     /// The runtime currently serving; swapped whole on reload.
     pub runtime: Arc<ArcSwap<Runtime>>,
-    /// Pipeline counters.
-    pub stats: Arc<PipelineStats>,
     /// Prometheus families.
     pub metrics: Arc<Metrics>,
+    /// Open client connections per worker: the server's `proxy_open_connections` gauges.
+    open_connections: Arc<[Gauge]>,
     /// Set the moment shutdown begins (`/readyz` turns 503).
     pub shutting_down: AtomicBool,
     /// Process start.
@@ -110,6 +112,11 @@ impl Shared {
                 task.abort();
             }
         }
+    }
+
+    /// Open client connections, per worker thread (one entry when served inline).
+    pub fn open_connections(&self) -> Vec<i64> {
+        self.open_connections.iter().map(Gauge::get).collect()
     }
 
     /// Whether `/readyz` should answer 200, and if not, why. A replica is ready once every
@@ -174,11 +181,11 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Sta
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (admin_stop, admin_stop_rx) = watch::channel(false);
     let (refresher_stop, refresher_stop_rx) = watch::channel(false);
-    let stats = Arc::new(PipelineStats::new(options.workers.pools()));
+    let open_connections = metrics.worker_connections(options.workers.pools());
     let shared = Arc::new(Shared {
         runtime: Arc::new(ArcSwap::from_pointee(runtime)),
-        stats: Arc::clone(&stats),
         metrics,
+        open_connections: Arc::clone(&open_connections),
         shutting_down: AtomicBool::new(false),
         started_at: SystemTime::now(),
         tuning: options.tuning,
@@ -206,8 +213,8 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Sta
     let server = server::spawn(
         listener,
         options.workers,
-        Arc::clone(&shared.runtime),
-        stats,
+        Arc::new(ProxyHandler::new(Arc::clone(&shared.runtime))),
+        open_connections,
         ListenerSettings::from(&config.server),
         shutdown_rx,
         cut_rx,
@@ -275,9 +282,9 @@ impl RunningProxy {
         &self.shared.metrics
     }
 
-    /// Open client connections per worker thread.
-    pub fn open_connections(&self) -> Vec<usize> {
-        self.shared.stats.open_connections()
+    /// Open client connections, per worker thread (one entry when served inline).
+    pub fn open_connections(&self) -> Vec<i64> {
+        self.shared.open_connections()
     }
 
     /// The `oauth` credential of that name in the current runtime.

@@ -2,7 +2,7 @@
 //!
 //! The binary (`main.rs`) is a thin CLI over [`app::start`]; tests and benchmarks use the same
 //! entry point. Module map: `config` (proxy.toml -> validated types), `runtime` (what requests
-//! use), `proxy` (the pipeline), `routes`, `upstream` (header hygiene), `client` (upstream
+//! use), `proxy` (the pipeline), `proxy_handler` (the pipeline as the server's handler), `routes`, `upstream` (header hygiene), `client` (upstream
 //! connection pools), `token` (cache, fetch, verify), `server`
 //! (listener and drain), `error` (JSON errors), `emulator` (the built-in Sitecore emulator).
 

@@ -98,8 +98,8 @@ pub struct Metrics {
     pub inflight: Gauge,
     /// `proxy_replays_total`: requests sent again after an upstream 401.
     pub replays: Counter,
-    /// `proxy_open_connections{worker}`: open client connections per worker thread, set at
-    /// scrape time.
+    /// `proxy_open_connections{worker}`: open client connections per worker thread, counted by
+    /// the server through [`Metrics::worker_connections`].
     pub open_connections: Family<WorkerLabels, Gauge>,
     /// `token_requests_total{credential,outcome}`.
     pub token_requests: Family<TokenLabels, Counter>,
@@ -258,6 +258,18 @@ impl Metrics {
             token_verification_failures,
             config_reloads,
         }
+    }
+
+    /// The `proxy_open_connections{worker}` series of `workers` worker threads (at least one),
+    /// in worker order: the server counts its open connections with them, so a scrape reads
+    /// what the server counts.
+    pub fn worker_connections(&self, workers: usize) -> Arc<[Gauge]> {
+        (0..workers.max(1))
+            .map(|worker| {
+                self.open_connections
+                    .get_or_create_owned(&WorkerLabels { worker })
+            })
+            .collect()
     }
 
     /// Creates the zero-valued series of a route, so dashboards see 0 rather than nothing, and
@@ -448,5 +460,29 @@ mod tests {
         for status in [100, 100 + MAX_SEEN as u16 + 9] {
             assert_eq!(count_of(&metrics, "-", status), Some(2), "status {status}");
         }
+    }
+
+    #[test]
+    fn the_worker_connection_gauges_are_the_exported_series() {
+        let metrics = Metrics::new();
+        let open = metrics.worker_connections(2);
+        open[1].inc();
+        open[1].inc();
+        open[0].inc();
+        open[1].dec();
+        // Asking again hands out the same series, not new ones.
+        assert_eq!(metrics.worker_connections(2)[1].get(), 1);
+        let text = metrics.encode();
+        for line in [
+            "proxy_open_connections{worker=\"0\"} 1",
+            "proxy_open_connections{worker=\"1\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        assert_eq!(
+            metrics.worker_connections(0).len(),
+            1,
+            "at least one worker"
+        );
     }
 }

@@ -24,6 +24,7 @@ mod access;
 mod credential;
 mod filter;
 mod forward;
+mod handler;
 mod identify;
 mod replay;
 mod request_id;
@@ -33,7 +34,6 @@ mod upstream_request;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{Request, Response};
@@ -42,21 +42,11 @@ use hyper::body::Incoming;
 use crate::body::ProxyBody;
 use crate::error::{ErrorChain, ProxyError};
 use crate::runtime::Runtime;
-use crate::server::ConnActivity;
+use crate::server::ConnInfo;
 pub use access::TrackedBody;
 use access::{AccessRecord, Outcome};
+pub use handler::{ConnectionService, ProxyHandler};
 use request_id::X_REQUEST_ID;
-
-/// Per-connection facts the pipeline needs.
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
-    /// The client's address.
-    pub peer: SocketAddr,
-    /// Whether the client connected over TLS.
-    pub tls: bool,
-    /// The connection's activity, for its idle deadline.
-    pub activity: Arc<ConnActivity>,
-}
 
 /// Handles one request end to end; never fails (errors become JSON responses), hence the
 /// `Infallible`, which hyper's service takes as it is.
