@@ -42,6 +42,26 @@ pub(super) fn message_at<'a>(problems: &'a [Problem], key: &str) -> &'a str {
     }
 }
 
+/// Asserts that `problems` holds exactly the `(key, message fragment)` pairs of `expect`.
+pub(super) fn assert_problems(problems: &[Problem], expect: &[(&str, &str)]) {
+    for (key, fragment) in expect {
+        let message = message_at(problems, key);
+        assert!(
+            message.contains(fragment),
+            "{key}: {message:?} lacks {fragment:?}"
+        );
+    }
+    assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+}
+
+/// `rate` and `burst` as the file writes them.
+pub(super) fn rate_settings(rate: &str, burst: u32) -> RateSettings {
+    RateSettings {
+        rate: Rate::parse(rate).expect("valid rate literal"),
+        burst: NonZeroU32::new(burst).expect("nonzero burst literal"),
+    }
+}
+
 pub(super) const MINIMAL: &str = r#"
 [credentials.automation]
 client_id = "my-client"
@@ -269,10 +289,7 @@ key_sha256 = "ABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABAB"
     assert_eq!(
         config.routes[0].limits,
         RouteLimitSettings {
-            rate: Some(RateSettings {
-                rate: Rate::parse("80/s").expect("valid literal"),
-                burst: NonZeroU32::new(120).expect("nonzero"),
-            }),
+            rate: Some(rate_settings("80/s", 120)),
             max_in_flight: NonZeroU32::new(64),
             honor_upstream_retry_after: false,
         }
@@ -298,10 +315,7 @@ key_sha256 = "ABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABAB"
     assert_eq!(
         config.clients[0].limits,
         ClientLimitSettings {
-            rate: Some(RateSettings {
-                rate: Rate::parse("600/min").expect("valid literal"),
-                burst: NonZeroU32::new(10).expect("nonzero"),
-            }),
+            rate: Some(rate_settings("600/min", 10)),
             max_in_flight: NonZeroU32::new(16),
         }
     );
@@ -487,14 +501,7 @@ routes = ["/nope"]
         ("clients[0].key_sha256", "64 hex characters"),
         ("clients[0].routes[0]", "no route has the prefix \"/nope\""),
     ];
-    for (key, fragment) in expect {
-        let message = message_at(&problems, key);
-        assert!(
-            message.contains(fragment),
-            "{key}: {message:?} lacks {fragment:?}"
-        );
-    }
-    assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+    assert_problems(&problems, &expect);
 }
 
 #[test]

@@ -2,102 +2,30 @@
 //! `honor_upstream_retry_after` and `[admin] ready_requires`, and that every bad value is
 //! reported at its key path in one run.
 
-use std::num::NonZeroU32;
 use std::time::Duration;
 
-use super::tests::{message_at, parse, parse_ok, problems, MINIMAL};
+use super::tests::{
+    assert_problems, message_at, parse, parse_ok, problems, rate_settings, MINIMAL,
+};
 use super::*;
-
-fn rate(text: &str) -> Rate {
-    match Rate::parse(text) {
-        Ok(rate) => rate,
-        Err(e) => panic!("{text:?}: {e}"),
-    }
-}
-
-fn nonzero(n: u32) -> NonZeroU32 {
-    NonZeroU32::new(n).expect("nonzero literal")
-}
 
 #[test]
 fn rates_are_written_per_second_minute_or_hour() {
+    // text, count, unit, interval, default burst, canonical spelling
+    #[rustfmt::skip]
     let cases = [
-        // text, count, unit, interval, default burst, canonical spelling
-        (
-            "20/s",
-            20,
-            RateUnit::Second,
-            Duration::from_millis(50),
-            20,
-            "20/s",
-        ),
-        (
-            "600/min",
-            600,
-            RateUnit::Minute,
-            Duration::from_millis(100),
-            10,
-            "600/min",
-        ),
-        (
-            "10000/h",
-            10_000,
-            RateUnit::Hour,
-            Duration::from_millis(360),
-            3,
-            "10000/h",
-        ),
-        (
-            "1/m",
-            1,
-            RateUnit::Minute,
-            Duration::from_secs(60),
-            1,
-            "1/min",
-        ),
-        (
-            "90/minute",
-            90,
-            RateUnit::Minute,
-            Duration::from_secs(60) / 90,
-            2,
-            "90/min",
-        ),
-        (
-            "1/hour",
-            1,
-            RateUnit::Hour,
-            Duration::from_secs(3600),
-            1,
-            "1/h",
-        ),
-        (
-            " 5 / sec ",
-            5,
-            RateUnit::Second,
-            Duration::from_millis(200),
-            5,
-            "5/s",
-        ),
-        (
-            "7/hr",
-            7,
-            RateUnit::Hour,
-            Duration::from_secs(3600) / 7,
-            1,
-            "7/h",
-        ),
-        (
-            "1000000/s",
-            1_000_000,
-            RateUnit::Second,
-            Duration::from_micros(1),
-            1_000_000,
-            "1000000/s",
-        ),
+        ("20/s", 20, RateUnit::Second, Duration::from_millis(50), 20, "20/s"),
+        ("600/min", 600, RateUnit::Minute, Duration::from_millis(100), 10, "600/min"),
+        ("10000/h", 10_000, RateUnit::Hour, Duration::from_millis(360), 3, "10000/h"),
+        ("1/m", 1, RateUnit::Minute, Duration::from_secs(60), 1, "1/min"),
+        ("90/minute", 90, RateUnit::Minute, Duration::from_secs(60) / 90, 2, "90/min"),
+        ("1/hour", 1, RateUnit::Hour, Duration::from_secs(3600), 1, "1/h"),
+        (" 5 / sec ", 5, RateUnit::Second, Duration::from_millis(200), 5, "5/s"),
+        ("7/hr", 7, RateUnit::Hour, Duration::from_secs(3600) / 7, 1, "7/h"),
+        ("1000000/s", 1_000_000, RateUnit::Second, Duration::from_micros(1), 1_000_000, "1000000/s"),
     ];
     for (text, count, unit, interval, burst, canonical) in cases {
-        let r = rate(text);
+        let r = Rate::parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
         assert_eq!(r.count().get(), count, "{text}");
         assert_eq!(r.unit(), unit, "{text}");
         assert_eq!(
@@ -155,18 +83,12 @@ fn burst_defaults_to_one_seconds_worth_and_may_be_set() {
     let config = parse_ok(&text);
     assert_eq!(
         config.routes[0].limits.rate,
-        Some(RateSettings {
-            rate: rate("600/min"),
-            burst: nonzero(10),
-        })
+        Some(rate_settings("600/min", 10))
     );
     assert_eq!(
         config.clients[0].limits,
         ClientLimitSettings {
-            rate: Some(RateSettings {
-                rate: rate("1/h"),
-                burst: nonzero(5),
-            }),
+            rate: Some(rate_settings("1/h", 5)),
             max_in_flight: None,
         }
     );
@@ -261,14 +183,7 @@ burst = 1000001
         ),
         ("clients[2].burst", "1000001 is more than 1000000"),
     ];
-    for (key, fragment) in expect {
-        let message = message_at(&problems, key);
-        assert!(
-            message.contains(fragment),
-            "{key}: {message:?} lacks {fragment:?}"
-        );
-    }
-    assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+    assert_problems(&problems, &expect);
 
     // The file and the key path lead every line, like every other problem.
     let error = parse(text).expect_err("bad limits");
