@@ -3,8 +3,9 @@
 //! The binary (`main.rs`) is a thin CLI over [`app::start`]; tests and benchmarks use the same
 //! entry point. Module map: `config` (proxy.toml -> validated types), `runtime` (what requests
 //! use), `proxy` (the pipeline), `routes`, `upstream` (header hygiene), `client` (upstream
-//! connection pools), `token` (cache, fetch, verify), `server`
-//! (listener and drain), `error` (JSON errors), `emulator` (the built-in Sitecore emulator).
+//! connection pools), `token` (cache, fetch, verify), `limits` (rate limits, in-flight caps,
+//! upstream pauses), `server` (listener and drain), `error` (JSON errors), `emulator` (the
+//! built-in Sitecore emulator).
 
 pub mod admin;
 pub mod app;
@@ -17,6 +18,7 @@ pub mod demo;
 pub mod emulator;
 pub mod error;
 pub mod inbound;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
