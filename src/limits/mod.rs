@@ -20,6 +20,7 @@ pub mod recent;
 pub mod throttle;
 
 use std::collections::BTreeMap;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -152,7 +153,7 @@ fn rate_limiter(
     })
 }
 
-fn in_flight(limit: Option<std::num::NonZeroU32>, previous: Option<&InFlight>) -> InFlight {
+fn in_flight(limit: Option<NonZeroU32>, previous: Option<&InFlight>) -> InFlight {
     match previous {
         Some(counter) => counter.with_limit(limit),
         None => InFlight::new(limit),
