@@ -119,6 +119,7 @@ fn route_table(n: usize) -> RouteTable {
                     .expect("upstream URI"),
                 credential: format!("team-{team:03}"),
                 timeout: None,
+                limits: Default::default(),
             };
             Route::new(&settings, Duration::from_secs(120)).expect("route")
         })

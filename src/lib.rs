@@ -2,9 +2,12 @@
 //!
 //! The binary (`main.rs`) is a thin CLI over [`app::start`]; tests and benchmarks use the same
 //! entry point. Module map: `config` (proxy.toml -> validated types), `runtime` (what requests
-//! use), `proxy` (the pipeline), `proxy_handler` (the pipeline as the server's handler), `routes`, `upstream` (header hygiene), `client` (upstream
-//! connection pools), `token` (cache, fetch, verify), `server`
-//! (listener and drain), `error` (JSON errors), `emulator` (the built-in Sitecore emulator).
+//! use), `pipeline` (the request phases, one file each, and the pipeline as the server's
+//! handler), `credential` (the kinds of credential behind one type), `routes`, `upstream`
+//! (header hygiene), `client` (upstream connection pools), `token` (OAuth cache, fetch,
+//! verify), `limits` (rate limits, in-flight caps, upstream pauses), `server` (listener, workers,
+//! connections, drain; generic over the handler), `error` (JSON errors), `emulator` (the
+//! built-in Sitecore emulator).
 
 pub mod admin;
 pub mod app;
@@ -19,6 +22,7 @@ pub mod demo;
 pub mod emulator;
 pub mod error;
 pub mod inbound;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;

@@ -243,6 +243,7 @@ pub(crate) mod tests {
             upstream: upstream.parse().expect("uri"),
             credential: "c".into(),
             timeout: None,
+            limits: Default::default(),
         };
         Route::new(&settings, Duration::from_secs(1)).expect("route")
     }

@@ -36,6 +36,7 @@ fn route(prefix: &str, upstream: &str) -> Route {
         upstream: upstream.parse().expect("test upstream is a URI"),
         credential: "c".into(),
         timeout: None,
+        limits: Default::default(),
     };
     Route::new(&settings, Duration::from_secs(1)).expect("test route is valid")
 }

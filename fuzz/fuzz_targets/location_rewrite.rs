@@ -39,6 +39,7 @@ fuzz_target!(|data: &[u8]| {
         upstream: upstream.parse().expect("fixed upstream"),
         credential: "c".into(),
         timeout: None,
+        limits: Default::default(),
     };
     let route = Route::new(&settings, Duration::from_secs(1)).expect("fixed route");
 

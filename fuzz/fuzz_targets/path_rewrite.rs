@@ -39,6 +39,7 @@ fn route(prefix: &str, upstream: &str) -> Route {
         upstream: upstream.parse().expect("fixed upstream"),
         credential: "c".into(),
         timeout: None,
+        limits: Default::default(),
     };
     Route::new(&settings, Duration::from_secs(1)).expect("fixed route")
 }

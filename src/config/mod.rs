@@ -8,11 +8,13 @@
 //!
 //! Layout: `raw` holds the serde shapes of the file, `env` the `${NAME}` substitution, `values`
 //! the parsers for single values (durations, sizes, URLs, prefixes), `files` the PEM and secret
-//! files, and `server`, `credentials` and `routes` turn each section into its runtime type.
+//! files, `limits` the rate, burst and concurrency keys, and `server`, `credentials` and `routes`
+//! turn each section into its runtime type.
 
 mod credentials;
 mod env;
 mod files;
+mod limits;
 mod raw;
 mod routes;
 mod server;
@@ -22,6 +24,8 @@ mod values;
 mod tests;
 #[cfg(test)]
 mod tests_files;
+#[cfg(test)]
+mod tests_limits;
 #[cfg(test)]
 mod tests_values;
 
@@ -37,6 +41,9 @@ use serde::Deserialize;
 
 use crate::secret::Secret;
 
+pub use limits::{
+    ClientLimitSettings, Rate, RateSettings, RateUnit, ReadyRequires, RouteLimitSettings, MAX_BURST,
+};
 pub use values::{parse_duration, parse_size};
 
 /// A validated configuration.
@@ -133,6 +140,8 @@ impl fmt::Debug for TlsSettings {
 pub struct AdminSettings {
     /// Where `/healthz`, `/readyz`, `/metrics` and `/status` are served (default `127.0.0.1:9090`).
     pub listen: SocketAddr,
+    /// What `/readyz` requires of the credentials in use (default [`ReadyRequires::FirstTokens`]).
+    pub ready_requires: ReadyRequires,
 }
 
 /// One named credential (`[credentials.NAME]`).
@@ -241,6 +250,8 @@ pub struct RouteSettings {
     pub credential: String,
     /// Overrides `server.request_timeout` for this route.
     pub timeout: Option<Duration>,
+    /// `rate`, `burst`, `max_in_flight` (all clients together) and `honor_upstream_retry_after`.
+    pub limits: RouteLimitSettings,
 }
 
 /// One inbound client (`[[clients]]`).
@@ -252,6 +263,8 @@ pub struct ClientSettings {
     pub key_sha256: [u8; 32],
     /// Route prefixes this client may use; `None` means all routes.
     pub routes: Option<Vec<String>>,
+    /// `rate`, `burst` and `max_in_flight` of this client.
+    pub limits: ClientLimitSettings,
 }
 
 impl fmt::Debug for ClientSettings {
@@ -260,6 +273,7 @@ impl fmt::Debug for ClientSettings {
             .field("name", &self.name)
             .field("key_sha256", &hex::encode(self.key_sha256))
             .field("routes", &self.routes)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -355,7 +369,9 @@ impl Config {
     /// Whether `/readyz` requires every credential in use to hold a valid token now
     /// (`[admin] ready_requires = "all_tokens"`).
     pub fn ready_requires_all_tokens(&self) -> bool {
-        false
+        self.admin
+            .as_ref()
+            .is_some_and(|a| a.ready_requires == ReadyRequires::AllTokens)
     }
 
     /// Names of credentials referenced by at least one route, sorted, deduplicated.

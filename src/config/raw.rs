@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_path_to_error::Segment;
 
-use super::{key_join, AuthMethod, Problems, RequestFormat};
+use super::{key_join, AuthMethod, Problems, ReadyRequires, RequestFormat};
 
 /// `[server]`.
 #[derive(Debug, Default, Deserialize)]
@@ -39,6 +39,7 @@ pub(super) struct RawServer {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAdmin {
     pub listen: Option<String>,
+    pub ready_requires: Option<ReadyRequires>,
 }
 
 /// `[credentials.NAME]` with `type = "oauth"` (the `type` key is taken out before this).
@@ -77,6 +78,10 @@ pub(super) struct RawRoute {
     pub upstream: Option<String>,
     pub credential: Option<String>,
     pub timeout: Option<String>,
+    pub rate: Option<String>,
+    pub burst: Option<i64>,
+    pub max_in_flight: Option<i64>,
+    pub honor_upstream_retry_after: Option<bool>,
 }
 
 /// `[[clients]]`.
@@ -87,6 +92,9 @@ pub(super) struct RawClient {
     pub key: Option<String>,
     pub key_sha256: Option<String>,
     pub routes: Option<Vec<String>>,
+    pub rate: Option<String>,
+    pub burst: Option<i64>,
+    pub max_in_flight: Option<i64>,
 }
 
 /// Upper bound on retries; each retry removes one key, so a section never needs more than its

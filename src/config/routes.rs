@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
 
+use super::limits::{max_in_flight, rate_settings};
 use super::raw::{deserialize_item, RawClient, RawRoute};
 use super::values::{check_prefix, parse_upstream};
-use super::{key_join, ClientSettings, Cx, RouteSettings};
+use super::{key_join, ClientLimitSettings, ClientSettings, Cx, RouteLimitSettings, RouteSettings};
 
 /// The converted routes, and every prefix written in the file (valid or not), so that a client
 /// naming a route with another problem is not reported twice.
@@ -104,6 +105,11 @@ pub(super) fn routes(
 
         // A bad timeout is recorded and leaves None, which the problem makes moot.
         let timeout = cx.checked_duration(&k("timeout"), raw.timeout.as_deref(), false);
+        let limits = RouteLimitSettings {
+            rate: rate_settings(key, raw.rate.as_deref(), raw.burst, cx),
+            max_in_flight: max_in_flight(key, raw.max_in_flight, cx),
+            honor_upstream_retry_after: raw.honor_upstream_retry_after.unwrap_or(true),
+        };
 
         if let (Some(prefix), Some(upstream), Some(credential)) = (prefix, upstream, credential) {
             settings.push(RouteSettings {
@@ -111,6 +117,7 @@ pub(super) fn routes(
                 upstream,
                 credential,
                 timeout,
+                limits,
             });
         }
     }
@@ -231,11 +238,17 @@ pub(super) fn clients(
             }
         }
 
+        let limits = ClientLimitSettings {
+            rate: rate_settings(key, raw.rate.as_deref(), raw.burst, cx),
+            max_in_flight: max_in_flight(key, raw.max_in_flight, cx),
+        };
+
         if let (Some(name), Some(key_sha256)) = (name, hash) {
             out.push(ClientSettings {
                 name,
                 key_sha256,
                 routes: raw.routes,
+                limits,
             });
         }
     }

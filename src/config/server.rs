@@ -251,5 +251,8 @@ pub(super) fn admin(
             format!("{listen} is also server.listen; give the admin listener its own port"),
         );
     }
-    Some(AdminSettings { listen })
+    Some(AdminSettings {
+        listen,
+        ready_requires: raw.ready_requires.unwrap_or_default(),
+    })
 }

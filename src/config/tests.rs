@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::Path;
 use std::time::Duration;
 
@@ -38,6 +39,26 @@ pub(super) fn message_at<'a>(problems: &'a [Problem], key: &str) -> &'a str {
     match problems.iter().find(|p| p.key == key) {
         Some(p) => &p.message,
         None => panic!("no problem at {key:?}; problems: {problems:#?}"),
+    }
+}
+
+/// Asserts that `problems` holds exactly the `(key, message fragment)` pairs of `expect`.
+pub(super) fn assert_problems(problems: &[Problem], expect: &[(&str, &str)]) {
+    for (key, fragment) in expect {
+        let message = message_at(problems, key);
+        assert!(
+            message.contains(fragment),
+            "{key}: {message:?} lacks {fragment:?}"
+        );
+    }
+    assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+}
+
+/// `rate` and `burst` as the file writes them.
+pub(super) fn rate_settings(rate: &str, burst: u32) -> RateSettings {
+    RateSettings {
+        rate: Rate::parse(rate).expect("valid rate literal"),
+        burst: NonZeroU32::new(burst).expect("nonzero burst literal"),
     }
 }
 
@@ -119,6 +140,14 @@ fn minimal_file_gets_the_documented_defaults() {
     );
     assert_eq!(r.credential, "automation");
     assert_eq!(r.timeout, None);
+    assert_eq!(
+        r.limits,
+        RouteLimitSettings {
+            rate: None,
+            max_in_flight: None,
+            honor_upstream_retry_after: true,
+        }
+    );
     assert_eq!(config.used_credentials(), vec!["automation"]);
 }
 
@@ -142,6 +171,7 @@ upstream_ca = []
 
 [admin]
 listen = "127.0.0.1:19090"
+ready_requires = "all_tokens"
 
 [credentials.automation]
 type = "oauth"
@@ -167,6 +197,10 @@ prefix = "/"
 upstream = "https://edge.sitecorecloud.io"
 credential = "edge-delivery"
 timeout = "300s"
+rate = "80/s"
+burst = 120
+max_in_flight = 64
+honor_upstream_retry_after = false
 
 [[routes]]
 prefix = "/deploy"
@@ -177,6 +211,8 @@ credential = "automation"
 name = "ci"
 key = "ci-key"
 routes = ["/deploy"]
+rate = "600/min"
+max_in_flight = 16
 
 [[clients]]
 name = "ops"
@@ -202,8 +238,11 @@ key_sha256 = "ABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABAB"
     assert!(s.forwarded_headers);
     assert!(!s.rewrite_location);
     assert_eq!(
-        config.admin.as_ref().map(|a| a.listen),
-        Some("127.0.0.1:19090".parse().expect("valid literal"))
+        config.admin,
+        Some(AdminSettings {
+            listen: "127.0.0.1:19090".parse().expect("valid literal"),
+            ready_requires: ReadyRequires::AllTokens,
+        })
     );
 
     let o = oauth(&config, "automation");
@@ -247,12 +286,21 @@ key_sha256 = "ABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABAB"
     );
     assert_eq!(config.routes[0].credential, "edge-delivery");
     assert_eq!(config.routes[0].timeout, Some(Duration::from_secs(300)));
+    assert_eq!(
+        config.routes[0].limits,
+        RouteLimitSettings {
+            rate: Some(rate_settings("80/s", 120)),
+            max_in_flight: NonZeroU32::new(64),
+            honor_upstream_retry_after: false,
+        }
+    );
     assert_eq!(config.routes[1].prefix, "/deploy");
     assert_eq!(
         config.routes[1].upstream.to_string(),
         "http://[::1]:9000/api"
     );
     assert_eq!(config.routes[1].timeout, None);
+    assert_eq!(config.routes[1].limits, RouteLimitSettings::default());
     assert_eq!(
         config.used_credentials(),
         vec!["automation", "edge-delivery"]
@@ -264,9 +312,17 @@ key_sha256 = "ABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABAB"
         <[u8; 32]>::from(Sha256::digest(b"ci-key"))
     );
     assert_eq!(config.clients[0].routes, Some(vec!["/deploy".to_owned()]));
+    assert_eq!(
+        config.clients[0].limits,
+        ClientLimitSettings {
+            rate: Some(rate_settings("600/min", 10)),
+            max_in_flight: NonZeroU32::new(16),
+        }
+    );
     assert_eq!(config.clients[1].name, "ops");
     assert_eq!(config.clients[1].key_sha256, [0xab; 32]);
     assert_eq!(config.clients[1].routes, None);
+    assert_eq!(config.clients[1].limits, ClientLimitSettings::default());
 }
 
 #[test]
@@ -445,14 +501,7 @@ routes = ["/nope"]
         ("clients[0].key_sha256", "64 hex characters"),
         ("clients[0].routes[0]", "no route has the prefix \"/nope\""),
     ];
-    for (key, fragment) in expect {
-        let message = message_at(&problems, key);
-        assert!(
-            message.contains(fragment),
-            "{key}: {message:?} lacks {fragment:?}"
-        );
-    }
-    assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+    assert_problems(&problems, &expect);
 }
 
 #[test]
