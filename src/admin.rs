@@ -64,6 +64,10 @@ pub fn handle(shared: &Shared, req: Request<Incoming>) -> Response<ProxyBody> {
     }
     let mut response = match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if verbose(req.uri().query()) => {
+            let (status, body) = readiness_verbose(shared);
+            with_type(status, body.to_string(), "application/json")
+        }
         "/readyz" => match shared.readiness() {
             Ok(()) => text(StatusCode::OK, "ready\n"),
             Err(reasons) => {
@@ -99,6 +103,49 @@ pub fn handle(shared: &Shared, req: Request<Incoming>) -> Response<ProxyBody> {
         .headers_mut()
         .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+/// Whether the query asks for the verbose answer (`?verbose`, `?verbose=1`, `?verbose=true`).
+fn verbose(query: Option<&str>) -> bool {
+    query.is_some_and(|q| {
+        q.split('&')
+            .any(|p| matches!(p, "verbose" | "verbose=1" | "verbose=true"))
+    })
+}
+
+/// `/readyz?verbose`: the verdict, its reasons, and every credential in use with whether it is
+/// up now and has been since it was built, so a degraded credential shows without failing
+/// readiness.
+fn readiness_verbose(shared: &Shared) -> (StatusCode, serde_json::Value) {
+    let runtime = shared.runtime.load();
+    let credentials: Vec<_> = runtime
+        .credentials_by_name()
+        .into_iter()
+        .map(|c| {
+            json!({
+                "name": c.name(),
+                "up": c.is_up(),
+                "has_been_up": c.has_been_up(),
+                "reason": c.down_reason(),
+            })
+        })
+        .collect();
+    let requires = if runtime.config.ready_requires_all_tokens() {
+        "all_tokens"
+    } else {
+        "first_tokens"
+    };
+    let (status, reasons) = match shared.readiness() {
+        Ok(()) => (StatusCode::OK, Vec::new()),
+        Err(reasons) => (StatusCode::SERVICE_UNAVAILABLE, reasons),
+    };
+    let body = json!({
+        "ready": status == StatusCode::OK,
+        "ready_requires": requires,
+        "reasons": reasons,
+        "credentials": credentials,
+    });
+    (status, body)
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
@@ -165,14 +212,19 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
                     r.base_path
                 ),
                 "credential": r.credential,
+                "credential_up": runtime.credential(&r.credential).is_some_and(|c| c.is_up()),
                 "timeout_seconds": r.timeout.as_secs(),
+                "limits": r.limits.as_ref().map(|l| l.describe()),
             })
         })
         .collect();
     let clients: Vec<_> = config
         .clients
         .iter()
-        .map(|c| json!({ "name": c.name, "routes": c.routes }))
+        .map(|c| {
+            let limits = runtime.limits.client(&c.name).map(|l| l.describe());
+            json!({ "name": c.name, "routes": c.routes, "limits": limits })
+        })
         .collect();
     json!({
         "service": "sitecore-auth-proxy",
@@ -214,6 +266,22 @@ fn cell(v: &serde_json::Value) -> String {
 }
 
 /// A small self-contained HTML page of the same document.
+/// The columns of a client's or route's limits.
+const LIMIT_HEADINGS: &str =
+    "<th>rate (burst)</th><th>in flight (max)</th><th>admitted/s</th><th>refused/s</th>";
+
+fn limit_cells(limits: &serde_json::Value) -> String {
+    format!(
+        "<td>{} ({})</td><td>{} ({})</td><td>{}</td><td>{}</td>",
+        cell(&limits["rate"]),
+        cell(&limits["burst"]),
+        cell(&limits["in_flight"]),
+        cell(&limits["max_in_flight"]),
+        cell(&limits["admitted_per_second"]),
+        cell(&limits["refused_per_second"]),
+    )
+}
+
 fn status_html(status: &serde_json::Value) -> String {
     let mut html = String::from(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
@@ -226,13 +294,12 @@ fn status_html(status: &serde_json::Value) -> String {
     let ready = status["ready"].as_bool().unwrap_or(false);
     let _ = write!(
         html,
-        "<h1>sitecore-auth-proxy {}</h1><p>Status: <b class=\"{}\">{}</b> · listening on {} · up {} s · {} requests, {} in flight · open connections per worker: {}</p>",
+        "<h1>sitecore-auth-proxy {}</h1><p>Status: <b class=\"{}\">{}</b> · listening on {} · up {} s · {} requests in flight · open connections per worker: {}</p>",
         cell(&status["version"]),
         if ready { "ok" } else { "bad" },
         if ready { "ready" } else { "not ready" },
         cell(&status["listen"]),
         cell(&status["uptime_seconds"]),
-        cell(&status["requests_total"]),
         cell(&status["inflight_requests"]),
         cell(&status["open_connections_by_worker"]),
     );
@@ -256,18 +323,32 @@ fn status_html(status: &serde_json::Value) -> String {
             cell(&c["last_error"]),
         );
     }
-    html.push_str("</table><h2>Routes</h2><table><tr><th>prefix</th><th>upstream</th><th>credential</th><th>timeout (s)</th></tr>");
+    html.push_str("</table><h2>Routes</h2><table><tr><th>prefix</th><th>upstream</th><th>credential</th><th>timeout (s)</th>");
+    html.push_str(LIMIT_HEADINGS);
+    html.push_str("<th>upstream pause</th></tr>");
     for r in status["routes"].as_array().into_iter().flatten() {
+        let limits = &r["limits"];
+        let pause = match &limits["paused"] {
+            serde_json::Value::Null => "–".to_owned(),
+            p => format!(
+                "<span class=\"bad\">{} for {} s</span>",
+                cell(&p["status"]),
+                cell(&p["remaining_seconds"])
+            ),
+        };
         let _ = write!(
             html,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td>{}<td>{pause}</td></tr>",
             cell(&r["prefix"]),
             cell(&r["upstream"]),
             cell(&r["credential"]),
             cell(&r["timeout_seconds"]),
+            limit_cells(limits),
         );
     }
-    html.push_str("</table><h2>Clients</h2><table><tr><th>name</th><th>routes</th></tr>");
+    html.push_str("</table><h2>Clients</h2><table><tr><th>name</th><th>routes</th>");
+    html.push_str(LIMIT_HEADINGS);
+    html.push_str("</tr>");
     for c in status["clients"].as_array().into_iter().flatten() {
         let routes = match &c["routes"] {
             serde_json::Value::Null => "all".to_owned(),
@@ -275,8 +356,9 @@ fn status_html(status: &serde_json::Value) -> String {
         };
         let _ = write!(
             html,
-            "<tr><td>{}</td><td>{routes}</td></tr>",
-            cell(&c["name"])
+            "<tr><td>{}</td><td>{routes}</td>{}</tr>",
+            cell(&c["name"]),
+            limit_cells(&c["limits"]),
         );
     }
     html.push_str("</table></body></html>\n");

@@ -11,6 +11,7 @@ use http::header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Response, StatusCode};
 
 use crate::body::ProxyBody;
+use crate::limits::RateLimitHeaders;
 use crate::token::TokenUnavailable;
 
 /// Everything that can go wrong while proxying one request.
@@ -46,6 +47,27 @@ pub enum ProxyError {
     /// The upstream did not send response headers in time.
     #[error("upstream timed out after {0:?}")]
     UpstreamTimeout(Duration),
+    /// Over a client's or a route's `rate`.
+    #[error("rate limited")]
+    RateLimited {
+        /// Seconds until a request would pass, at least 1.
+        retry_after_secs: u64,
+        /// The `RateLimit-Policy` / `RateLimit` fields of the verdict (boxed: rare, and every
+        /// request's future carries a `ProxyError` slot).
+        headers: Box<RateLimitHeaders>,
+    },
+    /// Over a client's or a route's `max_in_flight`.
+    #[error("too many requests in flight")]
+    TooManyInFlight,
+    /// The route's upstream asked for a pause (429 or 503 with `Retry-After`); answered locally
+    /// with the upstream's status until it ends.
+    #[error("upstream throttled this route")]
+    UpstreamThrottled {
+        /// The upstream's status (429 or 503).
+        status: StatusCode,
+        /// Seconds left of the pause, at least 1.
+        retry_after_secs: u64,
+    },
     /// The client's request body moved no bytes for the route's timeout. Answered like an
     /// upstream timeout (DESIGN.md has no client-timeout code) but with its own message, and not
     /// counted against the upstream.
@@ -65,6 +87,10 @@ impl ProxyError {
             ProxyError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::TokenUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::RateLimited { .. } | ProxyError::TooManyInFlight => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            ProxyError::UpstreamThrottled { status, .. } => *status,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) | ProxyError::RequestBodyStalled(_) => {
                 StatusCode::GATEWAY_TIMEOUT
@@ -83,6 +109,9 @@ impl ProxyError {
             ProxyError::PayloadTooLarge => "payload_too_large",
             ProxyError::TokenUnavailable(_) => "token_unavailable",
             ProxyError::Overloaded => "overloaded",
+            ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::TooManyInFlight => "too_many_in_flight",
+            ProxyError::UpstreamThrottled { .. } => "upstream_throttled",
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) | ProxyError::RequestBodyStalled(_) => {
                 "upstream_timeout"
@@ -103,6 +132,15 @@ impl ProxyError {
                 "No valid access token is available for this route's credential; retry later."
             }
             ProxyError::Overloaded => "The proxy is at its connection limit; retry later.",
+            ProxyError::RateLimited { .. } => {
+                "Too many requests for this client or route; retry after the given time."
+            }
+            ProxyError::TooManyInFlight => {
+                "Too many requests of this client or route are in flight; retry later."
+            }
+            ProxyError::UpstreamThrottled { .. } => {
+                "The upstream asked for a pause on this route; retry after the given time."
+            }
             ProxyError::UpstreamUnreachable(_) => "The upstream could not be reached.",
             ProxyError::UpstreamTimeout(_) => "The upstream did not answer in time.",
             ProxyError::RequestBodyStalled(_) => {
@@ -125,8 +163,20 @@ impl ProxyError {
             ProxyError::TokenUnavailable(e) => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(e.retry_after_secs()));
             }
-            ProxyError::Overloaded => {
+            ProxyError::Overloaded | ProxyError::TooManyInFlight => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ProxyError::RateLimited {
+                retry_after_secs,
+                headers: fields,
+            } => {
+                headers.insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+                fields.apply(headers);
+            }
+            ProxyError::UpstreamThrottled {
+                retry_after_secs, ..
+            } => {
+                headers.insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
             ProxyError::MethodNotAllowed => {
                 headers.insert(

@@ -25,6 +25,7 @@ use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::body::ProxyBody;
 use crate::config::Config;
+use crate::limits::{ClientLimits, Limits};
 use crate::secret::Secret;
 
 /// Who is calling: put into request extensions once authenticated.
@@ -33,6 +34,8 @@ pub struct ClientIdentity {
     /// The client's configured name.
     pub name: Arc<str>,
     routes: Option<HashSet<String>>,
+    /// Its rate and in-flight limits; `None` for clients built without a limits registry.
+    pub limits: Option<Arc<ClientLimits>>,
 }
 
 impl ClientIdentity {
@@ -78,6 +81,11 @@ pub enum Denied {
 impl Clients {
     /// The clients of `config`; `None` when it has no `[[clients]]`.
     pub fn from_config(config: &Config) -> Option<Clients> {
+        Clients::with_limits(config, None)
+    }
+
+    /// The clients of `config`, each with its state in `limits`.
+    pub fn with_limits(config: &Config, limits: Option<&Limits>) -> Option<Clients> {
         if config.clients.is_empty() {
             return None;
         }
@@ -106,6 +114,7 @@ impl Clients {
                     identity: Arc::new(ClientIdentity {
                         name: Arc::from(c.name.as_str()),
                         routes: c.routes.as_ref().map(|r| r.iter().cloned().collect()),
+                        limits: limits.and_then(|l| l.client(&c.name)).cloned(),
                     }),
                     key_sha256: c.key_sha256,
                     mac_key: hmac::Key::new(hmac::HMAC_SHA256, client_key.as_ref()),

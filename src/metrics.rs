@@ -59,6 +59,17 @@ pub struct TokenLabels {
     pub outcome: &'static str,
 }
 
+/// `route`, `client`, `reason` of `proxy_rejected_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectedLabels {
+    /// Route prefix.
+    pub route: Arc<str>,
+    /// Client name, `-` without clients.
+    pub client: Arc<str>,
+    /// `client_rate`, `route_rate`, `client_in_flight`, `route_in_flight`, `upstream_throttled`.
+    pub reason: &'static str,
+}
+
 /// `credential` of `token_expiry_seconds`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CredentialLabels {
@@ -96,6 +107,9 @@ pub struct Metrics {
     pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
     /// `proxy_inflight_requests`.
     pub inflight: Gauge,
+    /// `proxy_rejected_total{route,client,reason}`: requests refused by a limit or an upstream
+    /// pause, before reaching the upstream.
+    pub rejected: Family<RejectedLabels, Counter>,
     /// `proxy_replays_total`: requests sent again after an upstream 401.
     pub replays: Counter,
     /// `proxy_open_connections{worker}`: open client connections per worker thread, counted by
@@ -184,6 +198,12 @@ impl Metrics {
             "Requests in flight",
             inflight.clone(),
         );
+        let rejected = Family::default();
+        registry.register(
+            "proxy_rejected",
+            "Requests refused by a rate limit, an in-flight cap or an upstream pause",
+            rejected.clone(),
+        );
         let replays = Counter::default();
         registry.register(
             "proxy_replays",
@@ -248,6 +268,7 @@ impl Metrics {
             duration,
             upstream_errors,
             inflight,
+            rejected,
             replays,
             open_connections,
             token_requests,

@@ -14,6 +14,7 @@ use percent_encoding::percent_decode_str;
 
 use crate::client::Target;
 use crate::config::RouteSettings;
+use crate::limits::RouteLimits;
 use crate::metrics::RouteMetrics;
 
 /// One route, ready for the hot path.
@@ -37,6 +38,9 @@ pub struct Route {
     /// [`crate::metrics::Metrics::register_route`]. Until then (routes built alone, in tests and
     /// benchmarks) series that no registry exports.
     pub metrics: RouteMetrics,
+    /// Its rate, in-flight and upstream-pause state, set by `Runtime::build` (none for routes
+    /// built alone).
+    pub limits: Option<Arc<RouteLimits>>,
 }
 
 impl Route {
@@ -69,6 +73,7 @@ impl Route {
         Ok(Route {
             prefix: settings.prefix.clone(),
             metrics: RouteMetrics::unregistered(&label),
+            limits: None,
             label,
             target,
             host_header,

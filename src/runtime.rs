@@ -10,6 +10,7 @@ use crate::client::UpstreamClient;
 use crate::config::Config;
 use crate::credential::{Credential, Resources};
 use crate::inbound::Clients;
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::routes::{Route, RouteTable};
 use crate::token::Tuning;
@@ -40,6 +41,9 @@ pub struct Runtime {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// The process's metrics, which every runtime records into.
     pub metrics: Arc<Metrics>,
+    /// Rate, in-flight and upstream-pause state of every client and route; a reload keeps the
+    /// state of those whose limits did not change.
+    pub limits: Limits,
 }
 
 /// Why a runtime could not be built from a valid configuration (TLS roots, header values).
@@ -89,8 +93,10 @@ impl Runtime {
             .map(|r| Route::new(r, server.request_timeout))
             .collect::<Result<Vec<_>, _>>()
             .map_err(BuildError)?;
+        let limits = Limits::build(&config, previous.map(|p| &p.limits));
         for route in &mut routes {
             route.metrics = metrics.register_route(&route.label);
+            route.limits = limits.route(&route.prefix).cloned();
         }
         let tls = server
             .tls
@@ -98,7 +104,7 @@ impl Runtime {
             .map(crate::tls::server_config)
             .transpose()
             .map_err(|e| BuildError(format!("server TLS: {e}")))?;
-        let clients = Clients::from_config(&config);
+        let clients = Clients::with_limits(&config, Some(&limits));
         let token_endpoint = clients.as_ref().and(server.token_endpoint.clone());
         Ok(Runtime {
             clients,
@@ -111,6 +117,7 @@ impl Runtime {
             replay_body_limit: server.replay_body_limit,
             rewrite_location: server.rewrite_location,
             metrics: Arc::clone(metrics),
+            limits,
             config,
         })
     }

@@ -17,6 +17,7 @@ pub mod headers;
 pub mod in_flight;
 pub mod rate;
 pub mod recent;
+mod status;
 pub mod throttle;
 
 use std::collections::BTreeMap;

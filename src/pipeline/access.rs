@@ -14,6 +14,7 @@ use http_body::{Body, Frame, SizeHint};
 use crate::body::{BodyError, ProxyBody};
 use crate::error::ErrorChain;
 use crate::inbound::ClientIdentity;
+use crate::limits::Slots;
 use crate::metrics::{Metrics, RouteLabels, UpstreamErrorLabels};
 use crate::routes::Route;
 use crate::runtime::Runtime;
@@ -30,6 +31,8 @@ pub(super) struct Outcome {
     pub(super) route: Option<Arc<Route>>,
     pub(super) client: Option<Arc<ClientIdentity>>,
     pub(super) upstream_status: Option<u16>,
+    /// The request's in-flight slots, freed when the record is (the response body's end).
+    pub(super) slots: Option<Slots>,
 }
 
 /// Everything the access line and the metrics need, carried by the response body until it ends.

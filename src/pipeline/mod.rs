@@ -5,12 +5,16 @@
 //! 2. `inbound_auth` ([`identify`]): client key or issued token (401); the local token endpoint,
 //! 3. `route` ([`route`]): longest segment-prefix match (404),
 //! 4. `policy` ([`route`]): the client's permission for the route (403),
-//! 5. `credential` ([`credential`]): what the credential injects, from its cache (503),
-//! 6. `upstream_request` ([`upstream_request`]): path rewrite, header hygiene, the body read ahead,
-//! 7. `forward` ([`forward`]): send with the route's timeout (502/504),
-//! 8. `upstream_401` ([`replay`]): drop the refused token, replay once with a fresh one,
-//! 9. `response_filter` ([`response`]): hop-by-hop headers removed, `Location` rewritten,
-//! 10. the access record ([`access`]): log line and metrics when the response body ends.
+//! 5. `limit` ([`limit`]): upstream pause, in-flight caps, rates (429 or the upstream's status),
+//! 6. `credential` ([`credential`]): what the credential injects, from its cache (503),
+//! 7. `upstream_request` ([`upstream_request`]): path rewrite, header hygiene, the body read ahead,
+//! 8. `forward` ([`forward`]): send with the route's timeout (502/504), and an upstream's own
+//!    429/503 with `Retry-After` pauses the route ([`limit::observe_upstream`]),
+//! 9. `upstream_401` ([`replay`]): drop the refused token, replay once with a fresh one,
+//! 10. `response_filter` ([`response`]): hop-by-hop headers removed, `Location` rewritten, the
+//!     `RateLimit` fields added,
+//! 11. the access record ([`access`]): log line and metrics when the response body ends; it
+//!     holds the in-flight slots until then.
 //!
 //! Errors become JSON in one place ([`ProxyError::into_response`]); the full error chain is
 //! logged once, here.
@@ -26,6 +30,7 @@ mod filter;
 mod forward;
 mod handler;
 mod identify;
+mod limit;
 mod replay;
 mod request_id;
 mod response;
@@ -106,6 +111,9 @@ fn proxy<'a>(
         let route = route::route(rt, req.uri().path())?;
         outcome.route = Some(Arc::clone(&route));
         route::policy(&route, outcome.client.as_deref())?;
+        let admission = limit::limit(rt, &route, outcome.client.as_deref())?;
+        let (rate_fields, slots) = admission.map(|a| (a.headers, a.slots)).unzip();
+        outcome.slots = slots;
         let (credential, injection) = credential::credential(rt, &route).await?;
         let prepared = upstream_request::upstream_request(
             rt,
@@ -118,12 +126,13 @@ fn proxy<'a>(
         .await?;
         let upload = prepared.upload.as_deref();
         let answer = forward::forward(rt, &route, prepared.request, upload).await?;
+        limit::observe_upstream(&route, &answer.0);
         outcome.upstream_status = Some(answer.0.status().as_u16());
         let answer =
             replay::upstream_401(rt, &route, &credential, &injection, prepared.replay, answer)
                 .await?;
         outcome.upstream_status = Some(answer.0.status().as_u16());
-        Ok(response::response_filter(rt, &route, answer))
+        Ok(response::response_filter(rt, &route, answer, rate_fields))
     }
 }
 
