@@ -5,11 +5,18 @@
 //! capped at `info`, so raising the level never exposes a header value. The proxy's own events
 //! never carry secrets: tokens and keys live in redacting types and query strings are not logged.
 
+pub mod batch;
+pub mod memory;
+
 use std::cell::{Cell, RefCell};
 use std::io::Write;
-use std::time::{Duration, Instant};
+#[cfg(test)]
+use std::time::Duration;
 
 use std::sync::Arc;
+
+pub use batch::{batch_this_thread, flush_this_thread, BatchedStderr, BatchedWriter, MAX_DELAY};
+pub use memory::MemoryWriter;
 
 use tracing::Subscriber;
 use tracing_subscriber::fmt::format;
@@ -74,116 +81,6 @@ pub struct LogGuard(());
 impl Drop for LogGuard {
     fn drop(&mut self) {
         flush_this_thread();
-    }
-}
-
-/// A thread's buffer is written once it holds this much.
-const BATCH_BYTES: usize = 32 * 1024;
-
-/// A buffered line is written at the latest with the first line logged this long after it
-/// (and at once when the thread goes idle).
-pub const MAX_DELAY: Duration = Duration::from_millis(500);
-
-/// The calling thread's pending lines.
-struct LineBuffer {
-    batching: bool,
-    lines: Vec<u8>,
-    oldest: Option<Instant>,
-}
-
-impl LineBuffer {
-    fn flush(&mut self) {
-        if !self.lines.is_empty() {
-            // One write under stderr's lock, so batches from different threads never interleave
-            // inside a line. A failed write to stderr has nowhere better to be reported.
-            let _ = std::io::stderr().lock().write_all(&self.lines);
-            self.lines.clear();
-        }
-        self.oldest = None;
-    }
-}
-
-impl Drop for LineBuffer {
-    fn drop(&mut self) {
-        self.flush();
-    }
-}
-
-thread_local! {
-    static LINES: RefCell<LineBuffer> = const {
-        RefCell::new(LineBuffer { batching: false, lines: Vec::new(), oldest: None })
-    };
-}
-
-/// Makes the calling thread collect its log lines in a buffer (see [`init_stderr`]). Its owner
-/// must call [`flush_this_thread`] when the thread goes idle (a tokio `on_thread_park` hook).
-pub fn batch_this_thread() {
-    let _ = LINES.try_with(|b| b.borrow_mut().batching = true);
-}
-
-/// Writes the calling thread's buffered log lines now.
-pub fn flush_this_thread() {
-    let _ = LINES.try_with(|b| {
-        if let Ok(mut b) = b.try_borrow_mut() {
-            b.flush();
-        }
-    });
-}
-
-/// The [`MakeWriter`] behind [`init_stderr`].
-#[derive(Debug, Clone, Copy)]
-pub struct BatchedStderr;
-
-/// Collects one event's output; decides on drop whether the buffer is written now.
-#[derive(Debug)]
-pub struct BatchedWriter(());
-
-impl<'a> MakeWriter<'a> for BatchedStderr {
-    type Writer = BatchedWriter;
-
-    fn make_writer(&'a self) -> BatchedWriter {
-        BatchedWriter(())
-    }
-}
-
-impl Write for BatchedWriter {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        let buffered = LINES.try_with(|b| match b.try_borrow_mut() {
-            Ok(mut b) => {
-                b.lines.extend_from_slice(data);
-                true
-            }
-            Err(_) => false,
-        });
-        if buffered != Ok(true) {
-            // Thread teardown, or logging from inside a flush: write directly.
-            std::io::stderr().lock().write_all(data)?;
-        }
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for BatchedWriter {
-    fn drop(&mut self) {
-        let _ = LINES.try_with(|b| {
-            if let Ok(mut b) = b.try_borrow_mut() {
-                if b.lines.is_empty() {
-                    return;
-                }
-                let now = Instant::now();
-                let oldest = *b.oldest.get_or_insert(now);
-                if !b.batching
-                    || b.lines.len() >= BATCH_BYTES
-                    || now.duration_since(oldest) >= MAX_DELAY
-                {
-                    b.flush();
-                }
-            }
-        });
     }
 }
 
@@ -262,46 +159,6 @@ where
         .with_env_filter(filter(directives))
         .with_writer(writer)
         .with_ansi(ansi)
-}
-
-/// A log writer that keeps what it is given in memory (tests, and embedders that ship logs
-/// themselves). Clones share the buffer.
-#[derive(Debug, Clone, Default)]
-pub struct MemoryWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl MemoryWriter {
-    /// Everything written so far, leaving the buffer empty.
-    pub fn take(&self) -> String {
-        let bytes = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
-        String::from_utf8_lossy(&bytes).into_owned()
-    }
-
-    /// Everything written so far.
-    pub fn contents(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
-    }
-}
-
-impl Write for MemoryWriter {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(data);
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for MemoryWriter {
-    type Writer = MemoryWriter;
-
-    fn make_writer(&'a self) -> MemoryWriter {
-        self.clone()
-    }
 }
 
 /// The target of the access-log event, one per request.
