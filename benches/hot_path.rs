@@ -9,9 +9,8 @@
 //! - `inbound/*`: the client key check (`Clients::check_key`, SHA-256 and a constant-time compare
 //!   against every client) over 1, 10 and 100 clients, and `Clients::authenticate` with a key
 //!   and with a token issued by the local token endpoint;
-//! - `access_line/*`: one access-log line (`logging::log_access`) through the proxy's subscriber,
-//!   text and JSON, next to tracing-subscriber's generic formatter configured as before the line
-//!   had its own, both writing to `io::sink`;
+//! - `access_line/*`: one access-log line (`logging::log_access`) through the proxy's subscriber
+//!   to `io::sink`, text and JSON;
 //! - `pipeline_1_thread/*`, `pipeline_all_cores/*`: one whole request through the proxy on
 //!   127.0.0.1 to an in-process upstream that answers 200 without verifying anything, next to the
 //!   same request sent directly, so the difference is what the proxy adds (HTTP/1.1 keep-alive
@@ -68,23 +67,11 @@ fn bench_access_line(c: &mut Criterion) {
         error: None,
     };
     let mut group = c.benchmark_group("access_line");
-    for format in [Format::Text, Format::Json] {
-        let generic =
-            tracing::Dispatch::new(logging::generic_subscriber(format, "info", std::io::sink));
-        let ours = logging::subscriber(format, "info", std::io::sink, false);
-        for (name, subscriber) in [("generic", generic), ("hand_written", ours)] {
-            let id = format!(
-                "{}_{name}",
-                if format == Format::Text {
-                    "text"
-                } else {
-                    "json"
-                }
-            );
-            tracing::dispatcher::with_default(&subscriber, || {
-                group.bench_function(id, |b| b.iter(|| logging::log_access(black_box(&line))));
-            });
-        }
+    for (name, format) in [("text", Format::Text), ("json", Format::Json)] {
+        let subscriber = logging::subscriber(format, "info", std::io::sink, false);
+        tracing::dispatcher::with_default(&subscriber, || {
+            group.bench_function(name, |b| b.iter(|| logging::log_access(black_box(&line))));
+        });
     }
     group.finish();
 }

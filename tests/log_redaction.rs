@@ -1,11 +1,18 @@
-//! The audit trail without the secrets: a full run captured at trace level (the binary's own
-//! filter), in text and JSON, contains access lines and never a secret, key, token,
-//! `Authorization` value, query string or the token endpoint's raw error body.
+//! The audit trail without the secrets: a full run captured at trace level by the binary's own
+//! subscriber (its filter, its formats), in text and in JSON, contains access lines and never a
+//! secret, key, token, `Authorization` value, query string or the token endpoint's raw error
+//! body.
+//!
+//! Each format has its run: the proxy serves inline on the test's single-threaded runtime with
+//! the subscriber installed for the test's scope, so every event and access line of the run is
+//! captured, and the two runs do not see each other's.
 
 mod support;
 
+use sitecore_auth_proxy::app::{self, Options};
 use sitecore_auth_proxy::emulator::{Emulator, TokenFault, UpstreamFault};
 use sitecore_auth_proxy::logging::{self, Format, MemoryWriter};
+use sitecore_auth_proxy::server::Workers;
 use support::{json, Harness, Setup};
 
 const SECRET: &str = "cs-LOGMARK-secret-3e1f";
@@ -35,7 +42,20 @@ async fn full_run() -> Vec<String> {
     // The first token request is refused with Auth0's body, then one 500: neither body may be logged.
     emulator.push_token_faults([TokenFault::AccessDenied, TokenFault::Status(500)]);
     let text = support::config_text(&setup, &emulator);
-    let h = Harness::from_text(emulator, &text, setup.tuning).await;
+    let options = Options {
+        workers: Workers::Inline,
+        tuning: setup.tuning,
+    };
+    let proxy = app::start(support::parse(&text), options)
+        .await
+        .expect("proxy starts");
+    let h = Harness {
+        base: format!("http://{}", proxy.local_addr()),
+        emulator,
+        proxy,
+        http: support::client(),
+    };
+    h.wait_ready().await;
     let credential = h.proxy.credential("automation").expect("credential");
     assert!(
         support::eventually(std::time::Duration::from_secs(10), || credential
@@ -145,63 +165,68 @@ async fn full_run() -> Vec<String> {
     forbidden
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn trace_level_logs_of_a_full_run_contain_no_secret() {
-    let text_capture = MemoryWriter::default();
-    let json_capture = MemoryWriter::default();
-    {
-        use tracing_subscriber::layer::SubscriberExt;
-        let subscriber = tracing_subscriber::registry()
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(text_capture.clone())
-                    .with_ansi(false),
-            )
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_writer(json_capture.clone()),
-            )
-            .with(logging::filter("trace"));
-        tracing::subscriber::set_global_default(subscriber).expect("global subscriber");
-    }
-    // The binary's own builder must accept both formats too.
-    drop(logging::subscriber(
-        Format::Json,
+/// Runs [`full_run`] under the binary's subscriber in `format` at trace level; its logs, and
+/// what they must not contain.
+async fn captured_run(format: Format) -> (String, Vec<String>) {
+    let capture = MemoryWriter::default();
+    let scope = tracing::dispatcher::set_default(&logging::subscriber(
+        format,
         "trace",
-        MemoryWriter::default(),
+        capture.clone(),
         false,
     ));
-
     let forbidden = full_run().await;
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    for (name, capture) in [("text", &text_capture), ("json", &json_capture)] {
-        let logs = capture.contents();
-        assert!(
-            logs.lines().count() > 10,
-            "{name}: logs were captured:\n{logs}"
-        );
-        assert!(
-            logs.contains("log-team"),
-            "{name}: the access log names the client"
-        );
-        assert!(
-            logs.contains("/deploy/api/projects/v1"),
-            "{name}: paths are logged"
-        );
-        assert!(
-            logs.contains("access_denied"),
-            "{name}: the endpoint's error code may be logged"
-        );
-        for needle in &forbidden {
-            if let Some(line) = logs.lines().find(|l| l.contains(needle.as_str())) {
-                panic!("{name}: {needle:?} leaked into the logs:\n{line}");
-            }
+    drop(scope);
+    (capture.take(), forbidden)
+}
+
+fn assert_no_secret(name: &str, logs: &str, forbidden: &[String]) {
+    assert!(
+        logs.lines().count() > 10,
+        "{name}: logs were captured:\n{logs}"
+    );
+    assert!(
+        logs.contains("log-team"),
+        "{name}: the access log names the client"
+    );
+    assert!(
+        logs.contains("/deploy/api/projects/v1"),
+        "{name}: paths are logged"
+    );
+    assert!(
+        logs.contains("access_denied"),
+        "{name}: the endpoint's error code may be logged"
+    );
+    for needle in forbidden {
+        if let Some(line) = logs.lines().find(|l| l.contains(needle.as_str())) {
+            panic!("{name}: {needle:?} leaked into the logs:\n{line}");
         }
-        assert!(
-            !logs.to_ascii_lowercase().contains("bearer ey"),
-            "{name}: no bearer JWT"
-        );
     }
+    assert!(
+        !logs.to_ascii_lowercase().contains("bearer ey"),
+        "{name}: no bearer JWT"
+    );
+}
+
+/// Requests the run makes through the proxy: each has its access line.
+const REQUESTS: usize = 6;
+
+#[tokio::test]
+async fn trace_level_text_logs_of_a_full_run_contain_no_secret() {
+    let (logs, forbidden) = captured_run(Format::Text).await;
+    assert_no_secret("text", &logs, &forbidden);
+    let access = logs.lines().filter(|l| l.contains("  INFO access: "));
+    assert!(access.count() >= REQUESTS, "{logs}");
+}
+
+#[tokio::test]
+async fn trace_level_json_logs_of_a_full_run_contain_no_secret() {
+    let (logs, forbidden) = captured_run(Format::Json).await;
+    assert_no_secret("json", &logs, &forbidden);
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every line is one JSON object"))
+        .collect();
+    let access = lines.iter().filter(|l| l["target"] == "access").count();
+    assert!(access >= REQUESTS, "{logs}");
 }

@@ -16,19 +16,18 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 use sitecore_auth_proxy::app::{self, Options};
 use sitecore_auth_proxy::emulator::{pattern_bytes, Api, Emulator, UpstreamFault};
+use sitecore_auth_proxy::logging::{self, Format, MemoryWriter};
 use sitecore_auth_proxy::server::Workers;
 use support::raw::status_of;
 use support::{eventually, json, Harness, Setup};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::field::{Field, Visit};
-use tracing_subscriber::layer::{self, Layer, SubscriberExt as _};
 
 /// The stall route's timeout: short, so a stall costs a test little.
 const TIMEOUT: &str = "300ms";
@@ -75,52 +74,15 @@ async fn start_with(server_extra: &str, extra_toml: &str) -> Harness {
 
 // --------------------------------------------------------------------------- access lines
 
-/// One access line: its fields by name.
-type Line = serde_json::Map<String, serde_json::Value>;
-
-/// The access lines this test binary writes, recorded as the events happen.
-static ACCESS: OnceLock<Arc<Mutex<Vec<Line>>>> = OnceLock::new();
-
-/// A layer that keeps the fields of `access` events.
-struct AccessLines(Arc<Mutex<Vec<Line>>>);
-
-impl<S: tracing::Subscriber> Layer<S> for AccessLines {
-    fn on_event(&self, event: &tracing::Event<'_>, _: layer::Context<'_, S>) {
-        if event.metadata().target() == "access" {
-            let mut fields = Fields::default();
-            event.record(&mut fields);
-            self.0
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(fields.0);
-        }
-    }
-}
-
-#[derive(Default)]
-struct Fields(Line);
-
-impl Visit for Fields {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0
-            .insert(field.name().into(), format!("{value:?}").into());
-    }
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().into(), value.into());
-    }
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.insert(field.name().into(), value.into());
-    }
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.insert(field.name().into(), value.into());
-    }
-}
+/// The access lines this test binary writes (the proxy's JSON format), captured by the
+/// process's subscriber.
+static ACCESS: OnceLock<MemoryWriter> = OnceLock::new();
 
 fn capture_logs() {
     ACCESS.get_or_init(|| {
-        let lines = Arc::default();
-        let subscriber = tracing_subscriber::registry().with(AccessLines(Arc::clone(&lines)));
-        tracing::subscriber::set_global_default(subscriber).expect("global subscriber");
+        let lines = MemoryWriter::default();
+        let subscriber = logging::subscriber(Format::Json, "off,access=info", lines.clone(), false);
+        tracing::dispatcher::set_global_default(subscriber).expect("global subscriber");
         lines
     });
 }
@@ -128,12 +90,11 @@ fn capture_logs() {
 /// The access line of the request with this id, once it is written.
 async fn access_line(request_id: &str) -> serde_json::Value {
     let find = || {
-        let lines = ACCESS.get().expect("access lines captured");
-        let lines = lines.lock().unwrap_or_else(|e| e.into_inner());
+        let lines = ACCESS.get().expect("access lines captured").contents();
         lines
-            .iter()
-            .find(|line| line.get("request_id").is_some_and(|id| id == request_id))
-            .cloned()
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("a JSON line"))
+            .find(|line| line["request_id"] == request_id)
     };
     let mut line = None;
     assert!(
@@ -144,7 +105,7 @@ async fn access_line(request_id: &str) -> serde_json::Value {
         .await,
         "an access line for {request_id}"
     );
-    serde_json::Value::Object(line.expect("found"))
+    line.expect("found")
 }
 
 // ---------------------------------------------------------------------------------- helpers

@@ -165,6 +165,16 @@ pub enum TokenFault {
 pub enum UpstreamFault {
     /// Answer this status with a small JSON body (401 also sets `WWW-Authenticate`).
     Status(u16),
+    /// Answer this status with the same small JSON body as [`UpstreamFault::Status`] and these
+    /// response headers, in order (lowercase or not; a repeated name is sent repeated), e.g. a 429
+    /// with `Retry-After` or a 503 with `x-ratelimit-reset`. Nothing is implied: a 401 gets no
+    /// `WWW-Authenticate` unless listed. A pair that is not a valid header is left out.
+    StatusWithHeaders {
+        /// The status (outside 200..=599: 500, as for [`UpstreamFault::Status`]).
+        status: u16,
+        /// Header names and values to send.
+        headers: Vec<(String, String)>,
+    },
     /// Sleep before the response headers, then answer normally.
     Delay(Duration),
     /// Drop the connection (HTTP/1.1) or reset the stream (HTTP/2) without a response.

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use serde_json::json;
@@ -96,8 +96,23 @@ pub(super) async fn handle(
             if status == StatusCode::UNAUTHORIZED {
                 return Ok(invalid_token());
             }
-            let body = json!({"error": "emulated_fault", "status": status.as_u16()});
-            return Ok(json_response(status, &body));
+            return Ok(fault_response(status));
+        }
+        Some(UpstreamFault::StatusWithHeaders { status, headers }) => {
+            drain(shared, id, body).await?;
+            let mut response = fault_response(fault_status(status));
+            for (name, value) in headers {
+                match (
+                    HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(&value),
+                ) {
+                    (Ok(name), Ok(value)) => {
+                        response.headers_mut().append(name, value);
+                    }
+                    _ => tracing::warn!(%name, "emulator fault header is not a valid header; left out"),
+                }
+            }
+            return Ok(response);
         }
         None => {}
     }
@@ -246,6 +261,12 @@ async fn drain(
         return Err(ConnectionReset);
     }
     Ok((total, digest))
+}
+
+/// The small JSON body a faulted request is answered with.
+fn fault_response(status: StatusCode) -> Response<ResponseBody> {
+    let body = json!({"error": "emulated_fault", "status": status.as_u16()});
+    json_response(status, &body)
 }
 
 fn invalid_token() -> Response<ResponseBody> {

@@ -218,6 +218,58 @@ async fn upstream_faults_apply_in_order() {
 }
 
 #[tokio::test]
+async fn a_status_fault_can_carry_headers() {
+    let emulator = start(Emulator::builder()).await;
+    let token = emulator.mint_token("c", DEFAULT_AUDIENCE, Duration::from_secs(60));
+    let headers = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    emulator.push_upstream_faults([
+        UpstreamFault::StatusWithHeaders {
+            status: 429,
+            headers: headers(&[
+                ("Retry-After", "3"),
+                ("x-ratelimit-reset", "1700000000"),
+                ("x-note", "one"),
+                ("x-note", "two"),
+                ("bad name", "left out"),
+            ]),
+        },
+        UpstreamFault::StatusWithHeaders {
+            status: 401,
+            headers: Vec::new(),
+        },
+    ]);
+
+    let response = call_api(&emulator, Api::Deploy, "/a", Some(&token)).await;
+    assert_eq!(response.status(), 429);
+    let h = response.headers();
+    assert_eq!(h["retry-after"], "3");
+    assert_eq!(h["x-ratelimit-reset"], "1700000000");
+    let notes: Vec<_> = h.get_all("x-note").iter().collect();
+    assert_eq!(notes, ["one", "two"]);
+    assert_eq!(h["content-type"], "application/json");
+    assert_eq!(
+        json_of(&response.text().await.expect("body")),
+        json!({"error": "emulated_fault", "status": 429})
+    );
+
+    // Nothing implied: a 401 without listed headers has no WWW-Authenticate.
+    let response = call_api(&emulator, Api::Deploy, "/b", None).await;
+    assert_eq!(response.status(), 401);
+    assert!(!response.headers().contains_key("www-authenticate"));
+    assert!(!response.headers().contains_key("retry-after"));
+
+    // The queue is spent: normal behaviour resumes.
+    let response = call_api(&emulator, Api::Deploy, "/c", Some(&token)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(emulator.upstream_requests(), 3);
+}
+
+#[tokio::test]
 async fn large_bodies_are_hashed_while_streaming() {
     let emulator = start(Emulator::builder()).await;
     let token = emulator.mint_token("c", DEFAULT_AUDIENCE, Duration::from_secs(60));
