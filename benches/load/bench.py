@@ -7,6 +7,7 @@ One fast upstream (examples/bench_upstream.rs) serves every contender:
   haproxy    same job, nbthread = cores
   proxy      sitecore-auth-proxy, an oauth credential against the built-in emulator
   proxy-quiet  the same with RUST_LOG=warn (no access log), to show what logging costs
+  proxy-limited  the same with a route rate and in-flight cap that never refuse: the limiter's cost
   hyper-floor  examples/bench_hyper_floor.rs: a bare forwarder on the proxy's stack and thread
              model (hyper server and client, a runtime per core) with none of its logic: what
              the stack alone costs for the job
@@ -384,7 +385,14 @@ def fetch_static_token(emulator):
         return json.loads(r.read())["access_token"]
 
 
-def proxy_config(env, emulator, port, max_connections=10000):
+# Limits that never refuse at these loads: what the limit phase costs when it only admits.
+NEVER_REFUSING_LIMITS = """rate = "1000000/s"
+burst = 1000000
+max_in_flight = 100000
+"""
+
+
+def proxy_config(env, emulator, port, max_connections=10000, limits=False):
     return f"""[server]
 listen = "127.0.0.1:{port}"
 max_connections = {max_connections}
@@ -400,15 +408,17 @@ jwks_url = "{emulator['jwks_url']}"
 prefix = "/deploy"
 upstream = "http://127.0.0.1:{env.upstream_port}/base"
 credential = "bench"
-"""
+{NEVER_REFUSING_LIMITS if limits else ""}"""
 
 
-def start_proxy(env, name, emulator, quiet=False, max_connections=10000, wait=True, wrap=()):
-    """`wrap` runs the proxy under another program (instructions.py: valgrind)."""
+def start_proxy(env, name, emulator, quiet=False, max_connections=10000, wait=True, wrap=(),
+                limits=False):
+    """`wrap` runs the proxy under another program (instructions.py: valgrind); `limits` gives
+    its route a rate and an in-flight cap that never refuse."""
     port = free_port()
     cfg = env.path(f"{name}.toml")
     with open(cfg, "w") as f:
-        f.write(proxy_config(env, emulator, port, max_connections))
+        f.write(proxy_config(env, emulator, port, max_connections, limits))
     penv = dict(os.environ)
     penv["RUST_LOG"] = "warn" if quiet else "info"
     p = spawn([*wrap, PROXY_BIN, "run", "--config", cfg], access_log(env.path(f"{name}.log")),
@@ -759,6 +769,7 @@ def main():
         haproxy, haproxy_port, haproxy_h2 = start_haproxy(env)
         proxy, proxy_port = start_proxy(env, "proxy", emulator)
         quiet, quiet_port = start_proxy(env, "proxy-quiet", emulator, quiet=True)
+        limited, limited_port = start_proxy(env, "proxy-limited", emulator, limits=True)
         floor, floor_port, floor_h2 = start_floor(env)
         contenders = {
             "direct": (env.upstream, f"http://127.0.0.1:{env.upstream_port}{UPSTREAM_PATH}",
@@ -767,6 +778,7 @@ def main():
             "haproxy": (haproxy, f"http://127.0.0.1:{haproxy_port}{CLIENT_PATH}", f"http://127.0.0.1:{haproxy_h2}{CLIENT_PATH}"),
             "sitecore-auth-proxy": (proxy, f"http://127.0.0.1:{proxy_port}{CLIENT_PATH}", f"http://127.0.0.1:{proxy_port}{CLIENT_PATH}"),
             "sitecore-auth-proxy (RUST_LOG=warn)": (quiet, f"http://127.0.0.1:{quiet_port}{CLIENT_PATH}", f"http://127.0.0.1:{quiet_port}{CLIENT_PATH}"),
+            "sitecore-auth-proxy (route rate + max_in_flight, never refusing)": (limited, f"http://127.0.0.1:{limited_port}{CLIENT_PATH}", f"http://127.0.0.1:{limited_port}{CLIENT_PATH}"),
             "hyper floor (no proxy logic)": (floor, f"http://127.0.0.1:{floor_port}{CLIENT_PATH}", f"http://127.0.0.1:{floor_h2}{CLIENT_PATH}"),
         }
         # Sanity and warm-up: every contender answers 200 through the same upstream.
@@ -795,6 +807,7 @@ def main():
         stop(nginx)
         stop(haproxy)
         stop(quiet)
+        stop(limited)
         stop(floor)
         probes = {}
         wanted = set() if a.skip_probes else set(a.probes.split(","))

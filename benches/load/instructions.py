@@ -9,7 +9,8 @@ counts do not, so a change of 1 % in the proxy's own work shows. Each contender 
 has its counters zeroed, then serves `requests` HTTP/1.1 keep-alive requests from
 `h2load --h1 -c8`. Its counters are dumped after them, so start-up and warm-up are not counted.
 
-Contenders: the proxy with its access log on and off, and the bare-hyper floor
+Contenders: the proxy with its access log on and off, with route limits that never refuse (the
+limiter's cost), and the bare-hyper floor
 (examples/bench_hyper_floor.rs). Kernel time is not counted: this measures the user-space work
 that sets the proxy apart from the floor, not the syscalls they share.
 
@@ -110,10 +111,13 @@ def main():
         emulator = bench.start_emulator(env, "emu", 86_400)
         env.token = bench.fetch_static_token(emulator)
         results = []
-        for name, quiet in (("proxy", False), ("proxy-quiet", True)):
-            proxy, port = bench.start_proxy(env, name, emulator, quiet=quiet, wrap=callgrind(name))
+        variants = (("proxy", False, False, "log on"), ("proxy-quiet", True, False, "log off"),
+                    ("proxy-limited", False, True, "log on, route limits that never refuse"))
+        for name, quiet, limits, label in variants:
+            proxy, port = bench.start_proxy(env, name, emulator, quiet=quiet, wrap=callgrind(name),
+                                            limits=limits)
             url = f"http://127.0.0.1:{port}{bench.CLIENT_PATH}"
-            results.append((f"sitecore-auth-proxy (log {'off' if quiet else 'on'})",
+            results.append((f"sitecore-auth-proxy ({label})",
                             *measure(env.workdir, name, proxy, url, n)))
         floor, port, _ = bench.start_floor(env, wrap=callgrind("floor"))
         results.append(("hyper floor (no proxy logic)",
