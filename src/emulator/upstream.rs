@@ -109,7 +109,7 @@ pub(super) async fn handle(
                     (Ok(name), Ok(value)) => {
                         response.headers_mut().append(name, value);
                     }
-                    _ => tracing::warn!(%name, "emulator fault header is not a valid header; left out"),
+                    _ => tracing::warn!(%name, "invalid emulator fault header left out"),
                 }
             }
             return Ok(response);
