@@ -373,6 +373,45 @@ async fn a_route_rate_holds_across_clients() {
 }
 
 #[tokio::test]
+async fn a_client_over_its_own_rate_does_not_spend_the_route_budget() {
+    let h = start(|emulator| {
+        ADMIN.to_owned()
+            + &route(emulator, "/shared", "rate = \"1/min\"\nburst = 2")
+            + &client("team-a", A_KEY, "rate = \"1/min\"\nburst = 1")
+            + &client("team-b", B_KEY, "")
+    })
+    .await;
+
+    let mut a = Vec::new();
+    for _ in 0..3 {
+        a.push(outcome(get_as(&h, Some(A_KEY), "/shared/x").await).await);
+    }
+    assert_eq!(count(&a, 200, None), 1, "{a:?}");
+    assert_eq!(count(&a, 429, Some("rate_limited")), 2, "{a:?}");
+    // team-a's refusals took nothing from the route: one of its two requests is left for team-b.
+    assert_eq!(
+        outcome(get_as(&h, Some(B_KEY), "/shared/x").await).await.0,
+        200
+    );
+    let (status, code) = outcome(get_as(&h, Some(B_KEY), "/shared/x").await).await;
+    assert_eq!((status, code.as_deref()), (429, Some("rate_limited")));
+    assert_eq!(h.emulator.upstream_requests(), 2);
+
+    let (_, text) = admin_get(&h, "/metrics").await;
+    let m = samples(&text);
+    assert_eq!(
+        m.get(&rejected("/shared", "team-a", "client_rate")),
+        Some(&2.0),
+        "{text}"
+    );
+    assert_eq!(
+        m.get(&rejected("/shared", "team-b", "route_rate")),
+        Some(&1.0),
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn a_burst_of_5_admits_exactly_5_of_10_concurrent_requests() {
     let h = start(|_| client("team-a", A_KEY, "rate = \"1/min\"\nburst = 5")).await;
 
