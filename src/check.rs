@@ -70,19 +70,37 @@ fn route_table(config: &Config, out: &mut dyn Write) -> std::io::Result<()> {
         "{:width$}  {:cwidth$}  UPSTREAM",
         "PREFIX", "CREDENTIAL"
     )?;
+    let egress = &config.server.egress;
     for route in &config.routes {
         let kind = config
             .credentials
             .get(&route.credential)
             .map_or("?", |c| c.kind());
+        let way = reqwest::Url::parse(&route.upstream.to_string())
+            .map_or_else(|_| "?".to_owned(), |url| egress.describe(&url));
         writeln!(
             out,
-            "{:width$}  {:cwidth$}  {}  ({kind}, timeout {})",
+            "{:width$}  {:cwidth$}  {}  ({kind}, timeout {}, {way})",
             route.prefix,
             route.credential,
             route.upstream,
             humantime::format_duration(route.timeout.unwrap_or(config.server.request_timeout)),
         )?;
+    }
+    let mut endpoints = Vec::new();
+    for (name, credential) in &config.credentials {
+        for (what, url) in credential.endpoints() {
+            endpoints.push(format!(
+                "credential {name}: {what} {url} ({})",
+                egress.describe(url)
+            ));
+        }
+    }
+    if !endpoints.is_empty() {
+        writeln!(out)?;
+        for line in endpoints {
+            writeln!(out, "{line}")?;
+        }
     }
     if !config.clients.is_empty() {
         writeln!(out)?;

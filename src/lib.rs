@@ -18,6 +18,7 @@ pub mod config;
 pub mod credential;
 #[cfg(feature = "emulator")]
 pub mod demo;
+pub mod egress;
 #[cfg(feature = "emulator")]
 pub mod emulator;
 pub mod error;

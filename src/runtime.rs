@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::client::UpstreamClient;
 use crate::config::Config;
 use crate::credential::{Credential, Resources};
+use crate::egress::Egress;
 use crate::inbound::Clients;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -68,7 +69,18 @@ impl Runtime {
         let clients_by_worker = (0..pools.max(1))
             .map(|_| UpstreamClient::new(tls.clone(), server.connect_timeout, server.idle_timeout))
             .collect();
-        let http = token_http_client(tls, server.connect_timeout, tuning.token_request_timeout)?;
+        let http = token_http_client(
+            tls,
+            &server.egress,
+            server.connect_timeout,
+            tuning.token_request_timeout,
+        )?;
+        // A kept credential keeps its HTTP client: only while the way to its endpoints (trust
+        // roots, egress proxy) is the same.
+        let previous = previous.filter(|p| {
+            p.config.server.upstream_ca == server.upstream_ca
+                && p.config.server.egress == server.egress
+        });
 
         let mut resources = Resources {
             http: &http,
@@ -142,14 +154,29 @@ impl Runtime {
     }
 }
 
-/// The HTTP client for token endpoints and JWKS: same trust roots as upstreams, no redirects
-/// (a secret is never sent anywhere but the configured URL), bounded in time.
+/// The HTTP client for token endpoints and JWKS: same trust roots and egress rule as upstreams,
+/// no redirects (a secret is never sent anywhere but the configured URL), bounded in time.
 fn token_http_client(
     tls: rustls::ClientConfig,
+    egress: &Egress,
     connect_timeout: Duration,
     timeout: Duration,
 ) -> Result<reqwest::Client, BuildError> {
+    let egress = egress.clone();
+    // The egress rule only: reqwest would otherwise read the proxy variables itself, with rules
+    // of its own, and tokens and requests could leave by different ways.
+    let proxy = reqwest::Proxy::custom(move |url| {
+        let proxy = egress.proxy_for_url(url)?;
+        let mut url = reqwest::Url::parse(&proxy.to_string()).ok()?;
+        if let Some((user, password)) = &proxy.credentials {
+            url.set_username(user).ok()?;
+            url.set_password(Some(password.expose())).ok()?;
+        }
+        Some(url)
+    });
     reqwest::Client::builder()
+        .no_proxy()
+        .proxy(proxy)
         .use_preconfigured_tls(tls)
         .connect_timeout(connect_timeout)
         .timeout(timeout)

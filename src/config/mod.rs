@@ -12,6 +12,7 @@
 //! turn each section into its runtime type.
 
 mod credentials;
+mod egress;
 mod env;
 mod files;
 mod limits;
@@ -39,6 +40,7 @@ use std::time::Duration;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
+use crate::egress::Egress;
 use crate::secret::Secret;
 
 pub use limits::{
@@ -96,6 +98,8 @@ pub struct ServerSettings {
     pub upstream_ca: Vec<CertificateDer<'static>>,
     /// The PEM files `upstream_ca` was read from, resolved against the config file's directory.
     pub upstream_ca_files: Vec<PathBuf>,
+    /// The HTTP proxy upstreams, token endpoints and JWKS are reached through, if any.
+    pub egress: Egress,
 }
 
 /// HTTPS on the main listener (`tls_cert`, `tls_key`, `client_ca`).
@@ -161,6 +165,16 @@ impl CredentialSettings {
         match self {
             CredentialSettings::OAuth(_) => "oauth",
             CredentialSettings::Header(_) => "header",
+        }
+    }
+
+    /// The URLs the proxy calls for this credential (`token_url`, `jwks_url`), for `check`.
+    pub fn endpoints(&self) -> Vec<(&'static str, &reqwest::Url)> {
+        match self {
+            CredentialSettings::OAuth(o) => {
+                vec![("token_url", &o.token_url), ("jwks_url", &o.jwks_url)]
+            }
+            CredentialSettings::Header(_) => Vec::new(),
         }
     }
 
@@ -413,7 +427,11 @@ fn build(
     let clients = table_array(root.get("clients"), "clients", problems);
     let credential_items = named_tables(root.get("credentials"), "credentials", problems);
 
-    let mut cx = Cx { base_dir, problems };
+    let mut cx = Cx {
+        base_dir,
+        problems,
+        env,
+    };
     let server = server::server(root.get("server"), !clients.is_empty(), &mut cx);
     let admin = server::admin(root.get("admin"), &server, &mut cx);
 
@@ -516,6 +534,8 @@ fn named_tables<'a>(
 struct Cx<'a> {
     base_dir: &'a Path,
     problems: &'a mut Problems,
+    /// The environment, for what the file does not say (the proxy variables).
+    env: &'a dyn Fn(&str) -> Option<String>,
 }
 
 impl Cx<'_> {

@@ -32,6 +32,7 @@ pub(super) struct RawServer {
     pub forwarded_headers: Option<bool>,
     pub rewrite_location: Option<bool>,
     pub upstream_ca: Option<Vec<String>>,
+    pub egress_proxy: Option<String>,
 }
 
 /// `[admin]`.

@@ -150,6 +150,7 @@ pub(super) fn server(
         rewrite_location: raw.rewrite_location.unwrap_or(true),
         upstream_ca,
         upstream_ca_files,
+        egress: super::egress::egress(raw.egress_proxy.as_deref(), cx),
     }
 }
 
