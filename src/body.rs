@@ -24,7 +24,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::client::Lease;
+use crate::upstream::Lease;
 
 /// Why a streamed body failed.
 #[derive(Debug, thiserror::Error)]

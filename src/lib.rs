@@ -2,15 +2,14 @@
 //!
 //! The binary (`main.rs`) is a thin CLI over [`app::start`]; tests and benchmarks use the same
 //! entry point. Module map: `config` (proxy.toml -> validated types), `runtime` (what requests
-//! use), `proxy` (the pipeline), `routes`, `upstream` (header hygiene), `client` (upstream
-//! connection pools), `token` (cache, fetch, verify), `server`
-//! (listener and drain), `error` (JSON errors), `emulator` (the built-in Sitecore emulator).
+//! use), `proxy` (the pipeline), `routes`, `upstream` (connection pools, targets, trust roots,
+//! header hygiene), `token` (cache, fetch, verify), `server` (listener and drain), `error` (JSON
+//! errors), `emulator` (the built-in Sitecore emulator).
 
 pub mod admin;
 pub mod app;
 pub mod body;
 pub mod check;
-pub mod client;
 pub mod config;
 pub mod credential;
 #[cfg(feature = "emulator")]

@@ -12,9 +12,9 @@ use http::uri::PathAndQuery;
 use http::{HeaderValue, Uri};
 use percent_encoding::percent_decode_str;
 
-use crate::client::Target;
 use crate::config::RouteSettings;
 use crate::metrics::RouteMetrics;
+use crate::upstream::Target;
 
 /// One route, ready for the hot path.
 #[derive(Debug)]

@@ -6,14 +6,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::client::UpstreamClient;
 use crate::config::Config;
 use crate::credential::{Credential, Resources};
 use crate::inbound::Clients;
 use crate::metrics::Metrics;
 use crate::routes::{Route, RouteTable};
 use crate::token::Tuning;
-use crate::upstream;
+use crate::upstream::{self, UpstreamClient};
 
 /// What the pipeline reads per request.
 #[derive(Debug)]

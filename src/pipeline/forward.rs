@@ -8,10 +8,10 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 
 use crate::body::{ProxyBody, UploadWatch};
-use crate::client::Lease;
 use crate::error::ProxyError;
 use crate::routes::Route;
 use crate::runtime::Runtime;
+use crate::upstream::Lease;
 
 /// The upstream's response head, with the lease of its pooled connection (see
 /// [`crate::body::PeerBody::releasing`]).

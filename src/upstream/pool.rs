@@ -1,79 +1,39 @@
-//! The upstream client: one connection pool per worker thread, over hyper's connection-level
-//! client (`hyper::client::conn`).
+//! The upstream connection pools: one per worker thread, over hyper's connection-level client
+//! (`hyper::client::conn`).
 //!
 //! HTTP/1.1 connections are pooled per upstream (scheme and authority). A connection is handed
 //! out for one request and goes back to the pool with a [`Lease`] when the response body has
 //! been read to its end; a body dropped early takes its connection with it, because hyper
 //! cannot reuse a connection with unread bytes. HTTPS upstreams that pick `h2` by ALPN share one
 //! HTTP/2 connection per upstream instead; until an HTTPS upstream has said which it speaks, and
-//! while it speaks `h2`, connections to it are opened one at a time, so a cold burst opens one. A request that a reused connection closed on before it
-//! was sent is sent again, on another connection; a request that may have reached the upstream
-//! never is.
+//! while it speaks `h2`, connections to it are opened one at a time, so a cold burst opens one.
+//! A request that a reused connection closed on before it was sent is sent again, on another
+//! connection; a request that may have reached the upstream never is.
 //!
 //! Compared with hyper-util's general-purpose pool, this one does no work per request beyond a
 //! short uncontended lock: no connector service, no checkout/connect race, and no task spawned
 //! per request to wait for the connection to become idle.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use http::uri::{Authority, Scheme};
-use http::{Request, Response, Uri};
+use http::uri::Authority;
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls_pki_types::ServerName;
-use tokio::net::TcpStream;
 
+use super::connect::{http1_handshake, http2_handshake, tcp_connect, tls_connect};
+use super::target::{origin_form, Target};
+use super::UpstreamError;
 use crate::body::ProxyBody;
 
 /// Idle HTTP/1.1 connections kept per upstream and worker; older ones are closed beyond this.
 const MAX_IDLE_PER_UPSTREAM: usize = 256;
 
-/// HTTP/2 pings on shared upstream connections, and how long a ping may go unanswered.
-const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
-const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
-
 /// How many times one request is sent again after pooled connections closed on it unsent (an
 /// upstream that closed its idle connections at once closes several pooled ones together).
 const MAX_RESENDS: u32 = 8;
-
-/// TCP keep-alive on upstream connections, so a pooled connection to a vanished host is found
-/// dead by the kernel.
-const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
-
-/// Why a request could not be sent or answered. The messages name the stage and never carry
-/// request data.
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    /// DNS resolution failed.
-    #[error("could not resolve {host}")]
-    Resolve {
-        host: Box<str>,
-        #[source]
-        source: std::io::Error,
-    },
-    /// No address of the host accepted a TCP connection.
-    #[error("tcp connect error")]
-    Connect(#[source] std::io::Error),
-    /// DNS plus TCP took longer than `server.connect_timeout`.
-    #[error("connecting took longer than {0:?}")]
-    ConnectTimeout(Duration),
-    /// The TLS handshake failed (for example an untrusted certificate).
-    #[error("TLS handshake failed")]
-    Tls(#[source] std::io::Error),
-    /// The host name is not a valid TLS server name.
-    #[error("{0} is not a valid TLS server name")]
-    ServerName(Box<str>),
-    /// The HTTP handshake failed (HTTP/2 preface or settings).
-    #[error("HTTP handshake failed")]
-    Handshake(#[source] hyper::Error),
-    /// Sending the request or reading the response head failed.
-    #[error("upstream request failed")]
-    Send(#[source] hyper::Error),
-}
 
 /// The client of one worker thread. Cheap to share by reference; requests made through it are
 /// driven by the calling thread's runtime.
@@ -226,7 +186,7 @@ impl UpstreamClient {
     ) -> impl std::future::Future<Output = Result<(Response<Incoming>, Option<Lease>), UpstreamError>> + 'a
     {
         async move {
-            let (upstream, mut checkout) = self.pool.find(target.https(), &target.authority);
+            let (upstream, mut checkout) = self.pool.find(target.https(), target.authority());
             let mut resends = 0;
             loop {
                 let (sender, reused) = match checkout {
@@ -330,32 +290,14 @@ impl UpstreamClient {
         let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
         let tcp = tcp_connect(host, port, deadline).await?;
         if !https {
-            return http1_handshake(TokioIo::new(tcp)).await;
+            return http1_handshake(tcp).await.map(Sender::Http1);
         }
-        let name = ServerName::try_from(host.to_owned())
-            .map_err(|_| UpstreamError::ServerName(host.into()))?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::clone(&self.pool.tls))
-            .connect(name, tcp)
-            .await
-            .map_err(UpstreamError::Tls)?;
+        let tls = tls_connect(&self.pool.tls, host, tcp).await?;
         if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
             self.pool.learned(upstream, Alpn::Http1);
-            return http1_handshake(TokioIo::new(tls)).await;
+            return http1_handshake(tls).await.map(Sender::Http1);
         }
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            // Pings keep a shared connection's path open (and find it dead) between requests.
-            .keep_alive_interval(H2_PING_INTERVAL)
-            .keep_alive_timeout(H2_PING_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(tls))
-            .await
-            .map_err(UpstreamError::Handshake)?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-            }
-        });
+        let sender = http2_handshake(tls).await?;
         self.pool.keep_h2(upstream, sender.clone());
         Ok(Sender::Http2(sender))
     }
@@ -374,54 +316,6 @@ impl Drop for Attempt<'_> {
     }
 }
 
-/// Resolves `host` and tries its addresses in order until one accepts, giving each an equal
-/// share of the time left before `deadline`, so an address that drops SYNs does not use it all.
-async fn tcp_connect(
-    host: &str,
-    port: u16,
-    deadline: tokio::time::Instant,
-) -> Result<TcpStream, UpstreamError> {
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|source| UpstreamError::Resolve {
-            host: host.into(),
-            source,
-        })?
-        .collect();
-    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses");
-    for (i, addr) in addrs.iter().enumerate() {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let share = left / u32::try_from(addrs.len() - i).unwrap_or(u32::MAX);
-        let attempt = tokio::time::timeout(share, TcpStream::connect(addr)).await;
-        match attempt.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())) {
-            Ok(stream) => {
-                // Both are best effort: a socket without them still works.
-                let _ = stream.set_nodelay(true);
-                let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
-                let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
-                return Ok(stream);
-            }
-            Err(e) => last = e,
-        }
-    }
-    Err(UpstreamError::Connect(last))
-}
-
-async fn http1_handshake<T>(io: TokioIo<T>) -> Result<Sender, UpstreamError>
-where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-{
-    let (sender, connection) = http1::handshake(io)
-        .await
-        .map_err(UpstreamError::Handshake)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
-        }
-    });
-    Ok(Sender::Http1(sender))
-}
-
 /// The request back when it never left and may be sent again, else the error.
 fn unsent_or_error(
     mut e: hyper::client::conn::TrySendError<Request<ProxyBody>>,
@@ -430,55 +324,6 @@ fn unsent_or_error(
     match e.take_message() {
         Some(unsent) if may_resend => Ok(unsent),
         _ => Err(UpstreamError::Send(e.into_error())),
-    }
-}
-
-/// Where requests go: an upstream's scheme and authority (a route's, built once per runtime).
-#[derive(Debug, Clone)]
-pub struct Target {
-    scheme: Scheme,
-    authority: Authority,
-}
-
-impl Target {
-    /// The target for `scheme` (`http` or `https`) and `authority`; `None` for other schemes.
-    pub fn new(scheme: &Scheme, authority: &Authority) -> Option<Target> {
-        (*scheme == Scheme::HTTPS || *scheme == Scheme::HTTP).then(|| Target {
-            scheme: scheme.clone(),
-            authority: authority.clone(),
-        })
-    }
-
-    /// Whether the scheme is `https`.
-    fn https(&self) -> bool {
-        self.scheme == Scheme::HTTPS
-    }
-
-    /// The scheme, `http` or `https`.
-    pub fn scheme(&self) -> &Scheme {
-        &self.scheme
-    }
-
-    /// The authority: host and port.
-    pub fn authority(&self) -> &Authority {
-        &self.authority
-    }
-
-    /// `uri`'s path and query at this target.
-    fn absolute(&self, uri: &Uri) -> Uri {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = uri.path_and_query().cloned();
-        Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
-    }
-}
-
-/// `path?query` of `uri`, as HTTP/1.1 sends it to an origin server.
-fn origin_form(uri: &Uri) -> Uri {
-    match uri.path_and_query() {
-        Some(path) if path.as_str() != "/" => Uri::from(path.clone()),
-        _ => Uri::from_static("/"),
     }
 }
 
