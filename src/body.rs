@@ -78,7 +78,7 @@ impl ProxyBody {
 pub struct PeerBody {
     body: Incoming,
     idle: Duration,
-    /// Boxed because the upstream client only takes `Unpin` bodies.
+    /// Boxed because the upstream pool only takes `Unpin` bodies.
     timer: Option<Pin<Box<Sleep>>>,
     /// Whether the timer runs: the last poll found no bytes, and none came since.
     waiting: bool,
@@ -117,7 +117,7 @@ impl PeerBody {
     }
 
     /// This body, reporting its progress and its stall to the returned watch: a request body
-    /// streamed upstream is owned by the upstream client, and the pipeline still needs to know.
+    /// streamed upstream is owned by the upstream connection, and the pipeline still needs to know.
     pub fn watched(mut self) -> (PeerBody, Arc<UploadWatch>) {
         let watch = Arc::new(UploadWatch::new());
         self.watch = Some(Arc::clone(&watch));
@@ -200,8 +200,8 @@ impl Body for PeerBody {
     }
 }
 
-/// What the pipeline learns about a request body streamed upstream while the upstream client owns
-/// it: when bytes last came from the client, whether the client is being waited on now, and
+/// What the pipeline learns about a request body streamed upstream while the upstream connection
+/// owns it: when bytes last came from the client, whether the client is being waited on now, and
 /// whether its body stalled and was cut. That tells a slow client, whose body's own timer
 /// decides, from an upstream that stopped reading, which the wait for its answer bounds.
 #[derive(Debug)]

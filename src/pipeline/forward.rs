@@ -49,7 +49,7 @@ fn wait<'a>(
     upload: Option<&'a UploadWatch>,
 ) -> impl Future<Output = Result<Answer, ProxyError>> + 'a {
     async move {
-        let mut sent = std::pin::pin!(rt.client().request(&route.target, request));
+        let mut sent = std::pin::pin!(rt.pool().request(&route.target, request));
         let mut deadline = tokio::time::Instant::now() + route.timeout;
         loop {
             match tokio::time::timeout_at(deadline, &mut sent).await {

@@ -1,5 +1,5 @@
 //! The upstream side: where requests go ([`Target`]), the connection pools that carry them there
-//! ([`UpstreamClient`], one per worker thread), the roots upstream certificates are checked
+//! ([`UpstreamPool`], one per worker thread), the roots upstream certificates are checked
 //! against, and header hygiene in both directions (hop-by-hop and inbound-credential headers,
 //! the `Location` rewrite).
 
@@ -14,6 +14,6 @@ mod trust;
 pub use error::UpstreamError;
 pub use headers::{strip_hop_by_hop, strip_inbound_credentials};
 pub use location::rewrite_location;
-pub use pool::{Lease, UpstreamClient};
+pub use pool::{Lease, UpstreamPool};
 pub use target::Target;
 pub use trust::tls_client_config;

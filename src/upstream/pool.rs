@@ -35,10 +35,10 @@ const MAX_IDLE_PER_UPSTREAM: usize = 256;
 /// upstream that closed its idle connections at once closes several pooled ones together).
 const MAX_RESENDS: u32 = 8;
 
-/// The client of one worker thread. Cheap to share by reference; requests made through it are
-/// driven by the calling thread's runtime.
+/// The connection pool of one worker thread. Cheap to share by reference; requests made through
+/// it are driven by the calling thread's runtime.
 #[derive(Debug)]
-pub struct UpstreamClient {
+pub struct UpstreamPool {
     pool: Arc<Pool>,
 }
 
@@ -155,16 +155,16 @@ impl Lease {
     }
 }
 
-impl UpstreamClient {
-    /// A client trusting `tls`'s roots, bounding DNS plus TCP by `connect_timeout` and closing
+impl UpstreamPool {
+    /// A pool trusting `tls`'s roots, bounding DNS plus TCP by `connect_timeout` and closing
     /// connections idle for `idle_timeout`.
     pub fn new(
         mut tls: rustls::ClientConfig,
         connect_timeout: Duration,
         idle_timeout: Duration,
-    ) -> UpstreamClient {
+    ) -> UpstreamPool {
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        UpstreamClient {
+        UpstreamPool {
             pool: Arc::new(Pool {
                 tls: Arc::new(tls),
                 connect_timeout,
@@ -177,7 +177,7 @@ impl UpstreamClient {
     /// Sends `request` (origin-form URI: path and query) to `target` and returns the response
     /// head, with the lease of its HTTP/1.1 connection (`None` over HTTP/2).
     // Not an `async fn`: that would store `request` twice in every request's future (see
-    // `proxy::process_request`).
+    // `pipeline::process_request`).
     #[allow(clippy::manual_async_fn)]
     pub fn request<'a>(
         &'a self,
