@@ -84,7 +84,7 @@ pub struct PeerBody {
     waiting: bool,
     watch: Option<Arc<UploadWatch>>,
     /// The upstream connection of a response body, returned to its pool at the body's end.
-    lease: Option<Lease>,
+    lease: Option<Lease<ProxyBody>>,
 }
 
 impl PeerBody {
@@ -102,7 +102,7 @@ impl PeerBody {
 
     /// This response body, giving `lease`'s connection back to its pool once the body has been
     /// read to its end (at once when there is no body). Dropped earlier, the body closes it.
-    pub fn releasing(mut self, lease: Option<Lease>) -> PeerBody {
+    pub fn releasing(mut self, lease: Option<Lease<ProxyBody>>) -> PeerBody {
         self.lease = lease;
         if self.body.is_end_stream() {
             self.release();

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::credential::{Credential, Resources};
 use crate::inbound::Clients;
@@ -24,7 +25,7 @@ pub struct Runtime {
     /// Credentials by name (only those used by a route).
     pub credentials: HashMap<String, Arc<Credential>>,
     /// One upstream connection pool per worker thread (see [`Runtime::pool`]).
-    pub pools_by_worker: Box<[UpstreamPool]>,
+    pub pools_by_worker: Box<[UpstreamPool<ProxyBody>]>,
     /// `server.forwarded_headers`.
     pub forwarded_headers: bool,
     /// `server.replay_body_limit`.
@@ -116,7 +117,7 @@ impl Runtime {
 
     /// The upstream connection pool of the calling worker thread. Each worker keeps its own, so a
     /// pooled connection is driven by the thread whose requests use it.
-    pub fn pool(&self) -> &UpstreamPool {
+    pub fn pool(&self) -> &UpstreamPool<ProxyBody> {
         let index = crate::server::worker_index() % self.pools_by_worker.len();
         &self.pools_by_worker[index]
     }

@@ -15,7 +15,7 @@ use crate::upstream::Lease;
 
 /// The upstream's response head, with the lease of its pooled connection (see
 /// [`crate::body::PeerBody::releasing`]).
-pub(super) type Answer = (Response<Incoming>, Option<Lease>);
+pub(super) type Answer = (Response<Incoming>, Option<Lease<ProxyBody>>);
 
 /// Sends `request` and waits for the answer. While a streamed request body is still moving, the
 /// wait runs from its last bytes (the upstream answers once it has the whole body); while it

@@ -2,10 +2,13 @@
 //! handshake. Each connection is then driven by its own task on the calling thread's runtime;
 //! what to open, and what to keep, is the pool's business.
 
+use std::error::Error;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body::Body;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
@@ -14,7 +17,6 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use super::UpstreamError;
-use crate::body::ProxyBody;
 
 /// HTTP/2 pings on shared upstream connections, and how long a ping may go unanswered.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
@@ -72,11 +74,11 @@ pub(super) async fn tls_connect(
 }
 
 /// The HTTP/1.1 handshake on `io`.
-pub(super) async fn http1_handshake<T>(
-    io: T,
-) -> Result<http1::SendRequest<ProxyBody>, UpstreamError>
+pub(super) async fn http1_handshake<T, B>(io: T) -> Result<http1::SendRequest<B>, UpstreamError>
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn Error + Send + Sync>>,
 {
     let (sender, connection) = http1::handshake(TokioIo::new(io))
         .await
@@ -90,11 +92,11 @@ where
 }
 
 /// The HTTP/2 handshake on `io`, for a connection that requests to one upstream share.
-pub(super) async fn http2_handshake<T>(
-    io: T,
-) -> Result<http2::SendRequest<ProxyBody>, UpstreamError>
+pub(super) async fn http2_handshake<T, B>(io: T) -> Result<http2::SendRequest<B>, UpstreamError>
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn Error + Send + Sync>>,
 {
     let (sender, connection) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())

@@ -18,15 +18,16 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::uri::Authority;
 use http::{Request, Response};
+use http_body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 
 use super::connect::{http1_handshake, http2_handshake, tcp_connect, tls_connect};
 use super::target::{origin_form, Target};
 use super::UpstreamError;
-use crate::body::ProxyBody;
 
 /// Idle HTTP/1.1 connections kept per upstream and worker; older ones are closed beyond this.
 const MAX_IDLE_PER_UPSTREAM: usize = 256;
@@ -35,37 +36,41 @@ const MAX_IDLE_PER_UPSTREAM: usize = 256;
 /// upstream that closed its idle connections at once closes several pooled ones together).
 const MAX_RESENDS: u32 = 8;
 
-/// The connection pool of one worker thread. Cheap to share by reference; requests made through
-/// it are driven by the calling thread's runtime.
+/// The connection pool of one worker thread, for requests with bodies of type `B`. Cheap to share
+/// by reference; requests made through it are driven by the calling thread's runtime.
+///
+/// Generic so that this module need not know the proxy's body type, which holds a [`Lease`] and
+/// so would make the two modules import each other. The proxy uses one body type, so this
+/// compiles to the same code as a pool written for it.
 #[derive(Debug)]
-pub struct UpstreamPool {
-    pool: Arc<Pool>,
+pub struct UpstreamPool<B> {
+    pool: Arc<Pool<B>>,
 }
 
 #[derive(Debug)]
-struct Pool {
+struct Pool<B> {
     tls: Arc<rustls::ClientConfig>,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    state: Mutex<State>,
+    state: Mutex<State<B>>,
 }
 
-#[derive(Debug, Default)]
-struct State {
-    upstreams: Vec<Upstream>,
+#[derive(Debug)]
+struct State<B> {
+    upstreams: Vec<Upstream<B>>,
     /// Whether a sweeper task is closing expired idle connections.
     sweeping: bool,
 }
 
 /// The connections to one scheme and authority.
-struct Upstream {
+struct Upstream<B> {
     https: bool,
     authority: Authority,
     /// Idle HTTP/1.1 connections, oldest first.
-    idle: VecDeque<Idle>,
+    idle: VecDeque<Idle<B>>,
     /// The shared HTTP/2 connection, when the upstream negotiated `h2`, and when a request
     /// last used it: unused for the idle timeout, it is let go like an idle HTTP/1.1 one.
-    h2: Option<http2::SendRequest<ProxyBody>>,
+    h2: Option<http2::SendRequest<B>>,
     h2_used: Instant,
     /// What the last TLS handshake negotiated.
     alpn: Alpn,
@@ -85,8 +90,8 @@ enum Alpn {
     Http2,
 }
 
-impl Upstream {
-    fn new(https: bool, authority: Authority) -> Upstream {
+impl<B> Upstream<B> {
+    fn new(https: bool, authority: Authority) -> Upstream<B> {
         Upstream {
             https,
             authority,
@@ -100,7 +105,7 @@ impl Upstream {
     }
 }
 
-impl std::fmt::Debug for Upstream {
+impl<B> std::fmt::Debug for Upstream<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstream")
             .field("https", &self.https)
@@ -111,20 +116,20 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
-struct Idle {
-    sender: http1::SendRequest<ProxyBody>,
+struct Idle<B> {
+    sender: http1::SendRequest<B>,
     since: Instant,
 }
 
 /// A connection ready for one request.
-enum Sender {
-    Http1(http1::SendRequest<ProxyBody>),
-    Http2(http2::SendRequest<ProxyBody>),
+enum Sender<B> {
+    Http1(http1::SendRequest<B>),
+    Http2(http2::SendRequest<B>),
 }
 
 /// What a pool lookup found.
-enum Checkout {
-    Ready(Sender),
+enum Checkout<B> {
+    Ready(Sender<B>),
     /// Nothing usable: connect. `h2_connect` is set when connects to this upstream are serialised.
     Connect {
         h2_connect: Option<Arc<tokio::sync::Mutex<()>>>,
@@ -134,13 +139,13 @@ enum Checkout {
 /// The HTTP/1.1 connection a response arrived on. [`Lease::release`] puts it back in its pool
 /// (the response body has been read to its end); dropping the lease closes it.
 #[must_use = "a dropped lease closes its connection"]
-pub struct Lease {
-    pool: Arc<Pool>,
+pub struct Lease<B> {
+    pool: Arc<Pool<B>>,
     upstream: usize,
-    sender: http1::SendRequest<ProxyBody>,
+    sender: http1::SendRequest<B>,
 }
 
-impl std::fmt::Debug for Lease {
+impl<B> std::fmt::Debug for Lease<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Lease")
             .field("upstream", &self.upstream)
@@ -148,28 +153,35 @@ impl std::fmt::Debug for Lease {
     }
 }
 
-impl Lease {
+impl<B: Send + 'static> Lease<B> {
     /// The response has been read to its end: the connection may carry the next request.
     pub fn release(self) {
         self.pool.check_in(self.upstream, self.sender);
     }
 }
 
-impl UpstreamPool {
+impl<B> UpstreamPool<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     /// A pool trusting `tls`'s roots, bounding DNS plus TCP by `connect_timeout` and closing
     /// connections idle for `idle_timeout`.
     pub fn new(
         mut tls: rustls::ClientConfig,
         connect_timeout: Duration,
         idle_timeout: Duration,
-    ) -> UpstreamPool {
+    ) -> UpstreamPool<B> {
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         UpstreamPool {
             pool: Arc::new(Pool {
                 tls: Arc::new(tls),
                 connect_timeout,
                 idle_timeout,
-                state: Mutex::new(State::default()),
+                state: Mutex::new(State {
+                    upstreams: Vec::new(),
+                    sweeping: false,
+                }),
             }),
         }
     }
@@ -182,9 +194,10 @@ impl UpstreamPool {
     pub fn request<'a>(
         &'a self,
         target: &'a Target,
-        mut request: Request<ProxyBody>,
-    ) -> impl std::future::Future<Output = Result<(Response<Incoming>, Option<Lease>), UpstreamError>> + 'a
-    {
+        mut request: Request<B>,
+    ) -> impl std::future::Future<
+        Output = Result<(Response<Incoming>, Option<Lease<B>>), UpstreamError>,
+    > + 'a {
         async move {
             let (upstream, mut checkout) = self.pool.find(target.https(), target.authority());
             let mut resends = 0;
@@ -238,7 +251,7 @@ impl UpstreamPool {
         &self,
         upstream: usize,
         h2_connect: Option<Arc<tokio::sync::Mutex<()>>>,
-    ) -> Result<(Sender, bool), UpstreamError> {
+    ) -> Result<(Sender<B>, bool), UpstreamError> {
         let Some(lock) = h2_connect else {
             return Ok((self.connect(upstream).await?, false));
         };
@@ -258,7 +271,7 @@ impl UpstreamPool {
     /// Opens a connection to `upstream` and notes whether that worked.
     ///
     /// The connect timeout bounds all of it: DNS, TCP, TLS and the HTTP handshake.
-    async fn connect(&self, upstream: usize) -> Result<Sender, UpstreamError> {
+    async fn connect(&self, upstream: usize) -> Result<Sender<B>, UpstreamError> {
         // Until it finishes, the attempt counts as failed: one abandoned midway (its request
         // timed out) lifts the one-at-a-time rule just as a failure does.
         let mut attempt = Attempt {
@@ -281,7 +294,7 @@ impl UpstreamPool {
         &self,
         upstream: usize,
         deadline: tokio::time::Instant,
-    ) -> Result<Sender, UpstreamError> {
+    ) -> Result<Sender<B>, UpstreamError> {
         let (https, authority) = self.pool.target(upstream);
         let host = authority
             .host()
@@ -304,31 +317,31 @@ impl UpstreamPool {
 }
 
 /// Marks the upstream failing unless the connect it guards finished.
-struct Attempt<'a> {
-    pool: &'a Pool,
+struct Attempt<'a, B> {
+    pool: &'a Pool<B>,
     upstream: usize,
     connected: bool,
 }
 
-impl Drop for Attempt<'_> {
+impl<B> Drop for Attempt<'_, B> {
     fn drop(&mut self) {
         self.pool.lock().upstreams[self.upstream].failing = !self.connected;
     }
 }
 
 /// The request back when it never left and may be sent again, else the error.
-fn unsent_or_error(
-    mut e: hyper::client::conn::TrySendError<Request<ProxyBody>>,
+fn unsent_or_error<B>(
+    mut e: hyper::client::conn::TrySendError<Request<B>>,
     may_resend: bool,
-) -> Result<Request<ProxyBody>, UpstreamError> {
+) -> Result<Request<B>, UpstreamError> {
     match e.take_message() {
         Some(unsent) if may_resend => Ok(unsent),
         _ => Err(UpstreamError::Send(e.into_error())),
     }
 }
 
-impl Pool {
-    fn lock(&self) -> MutexGuard<'_, State> {
+impl<B> Pool<B> {
+    fn lock(&self) -> MutexGuard<'_, State<B>> {
         // The state stays consistent even if a holder panicked: every change is one operation.
         self.state
             .lock()
@@ -338,7 +351,7 @@ impl Pool {
     /// The index of the upstream for `https` and `authority`, added on first use, and a
     /// [`Pool::check_out`] from it under the same lock. Upstreams are never removed: they are
     /// the routes' targets, a fixed set per runtime.
-    fn find(&self, https: bool, authority: &Authority) -> (usize, Checkout) {
+    fn find(&self, https: bool, authority: &Authority) -> (usize, Checkout<B>) {
         let mut state = self.lock();
         let found = state
             .upstreams
@@ -365,7 +378,7 @@ impl Pool {
         (u.https, u.authority.clone())
     }
 
-    fn check_out(&self, upstream: usize) -> Checkout {
+    fn check_out(&self, upstream: usize) -> Checkout<B> {
         let mut state = self.lock();
         self.check_out_locked(&mut state.upstreams[upstream])
     }
@@ -373,7 +386,7 @@ impl Pool {
     /// A live connection for `u`: its HTTP/2 connection, or the most recently idle HTTP/1.1
     /// connection that is ready. Expired and closed connections met on the way are dropped; one
     /// still finishing its last exchange is left for later.
-    fn check_out_locked(&self, u: &mut Upstream) -> Checkout {
+    fn check_out_locked(&self, u: &mut Upstream<B>) -> Checkout<B> {
         let now = Instant::now();
         if let Some(h2) = &u.h2 {
             if !h2.is_closed() && h2.is_ready() && !self.expired(u.h2_used, now) {
@@ -408,8 +421,12 @@ impl Pool {
     fn learned(&self, upstream: usize, alpn: Alpn) {
         self.lock().upstreams[upstream].alpn = alpn;
     }
+}
 
-    fn keep_h2(self: &Arc<Self>, upstream: usize, sender: http2::SendRequest<ProxyBody>) {
+// Keeping a connection may start the sweeper, a task that holds the pool and may run on
+// another thread.
+impl<B: Send + 'static> Pool<B> {
+    fn keep_h2(self: &Arc<Self>, upstream: usize, sender: http2::SendRequest<B>) {
         let mut state = self.lock();
         let u = &mut state.upstreams[upstream];
         u.alpn = Alpn::Http2;
@@ -424,7 +441,7 @@ impl Pool {
 
     /// Makes sure a sweeper watches this pool; false when there is no runtime to run one on
     /// (never in the proxy), and then nothing should be kept idle.
-    fn swept(self: &Arc<Self>, mut state: MutexGuard<'_, State>) -> bool {
+    fn swept(self: &Arc<Self>, mut state: MutexGuard<'_, State<B>>) -> bool {
         if state.sweeping {
             return true;
         }
@@ -437,7 +454,7 @@ impl Pool {
         true
     }
 
-    fn check_in(self: &Arc<Self>, upstream: usize, sender: http1::SendRequest<ProxyBody>) {
+    fn check_in(self: &Arc<Self>, upstream: usize, sender: http1::SendRequest<B>) {
         if sender.is_closed() {
             return;
         }
@@ -459,7 +476,7 @@ impl Pool {
 /// Closes idle connections (HTTP/1.1 ones in the pool, shared HTTP/2 ones no request used) as
 /// they pass the idle timeout, so an upstream that gets no more requests does not keep sockets
 /// open. Sleeps until the oldest expires; ends when the pool is gone or keeps nothing.
-async fn sweep(pool: Weak<Pool>) {
+async fn sweep<B>(pool: Weak<Pool<B>>) {
     let mut next = Instant::now();
     loop {
         tokio::time::sleep_until(next.into()).await;
