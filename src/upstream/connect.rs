@@ -3,6 +3,7 @@
 //! what to open, and what to keep, is the pool's business.
 
 use std::error::Error;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,11 +84,7 @@ where
     let (sender, connection) = http1::handshake(TokioIo::new(io))
         .await
         .map_err(UpstreamError::Handshake)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
-        }
-    });
+    drive(connection, "HTTP/1.1");
     Ok(sender)
 }
 
@@ -107,10 +104,19 @@ where
         .handshake(TokioIo::new(io))
         .await
         .map_err(UpstreamError::Handshake)?;
+    drive(connection, "HTTP/2");
+    Ok(sender)
+}
+
+/// Runs `connection` on its own task until it ends; how it ended is only worth a debug line,
+/// since the request on it (if any) gets the error too.
+fn drive<C>(connection: C, protocol: &'static str)
+where
+    C: Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
     tokio::spawn(async move {
         if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+            tracing::debug!(error = %e, "upstream {protocol} connection ended");
         }
     });
-    Ok(sender)
 }
