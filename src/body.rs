@@ -24,7 +24,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::client::Lease;
+use crate::upstream::Lease;
 
 /// Why a streamed body failed.
 #[derive(Debug, thiserror::Error)]
@@ -78,13 +78,13 @@ impl ProxyBody {
 pub struct PeerBody {
     body: Incoming,
     idle: Duration,
-    /// Boxed because the upstream client only takes `Unpin` bodies.
+    /// Boxed because the upstream pool only takes `Unpin` bodies.
     timer: Option<Pin<Box<Sleep>>>,
     /// Whether the timer runs: the last poll found no bytes, and none came since.
     waiting: bool,
     watch: Option<Arc<UploadWatch>>,
     /// The upstream connection of a response body, returned to its pool at the body's end.
-    lease: Option<Lease>,
+    lease: Option<Lease<ProxyBody>>,
 }
 
 impl PeerBody {
@@ -102,7 +102,7 @@ impl PeerBody {
 
     /// This response body, giving `lease`'s connection back to its pool once the body has been
     /// read to its end (at once when there is no body). Dropped earlier, the body closes it.
-    pub fn releasing(mut self, lease: Option<Lease>) -> PeerBody {
+    pub fn releasing(mut self, lease: Option<Lease<ProxyBody>>) -> PeerBody {
         self.lease = lease;
         if self.body.is_end_stream() {
             self.release();
@@ -117,7 +117,7 @@ impl PeerBody {
     }
 
     /// This body, reporting its progress and its stall to the returned watch: a request body
-    /// streamed upstream is owned by the upstream client, and the pipeline still needs to know.
+    /// streamed upstream is owned by the upstream connection, and the pipeline still needs to know.
     pub fn watched(mut self) -> (PeerBody, Arc<UploadWatch>) {
         let watch = Arc::new(UploadWatch::new());
         self.watch = Some(Arc::clone(&watch));
@@ -200,8 +200,8 @@ impl Body for PeerBody {
     }
 }
 
-/// What the pipeline learns about a request body streamed upstream while the upstream client owns
-/// it: when bytes last came from the client, whether the client is being waited on now, and
+/// What the pipeline learns about a request body streamed upstream while the upstream connection
+/// owns it: when bytes last came from the client, whether the client is being waited on now, and
 /// whether its body stalled and was cut. That tells a slow client, whose body's own timer
 /// decides, from an upstream that stopped reading, which the wait for its answer bounds.
 #[derive(Debug)]

@@ -4,16 +4,15 @@
 //! entry point. Module map: `config` (proxy.toml -> validated types), `runtime` (what requests
 //! use), `pipeline` (the request phases, one file each, and the pipeline as the server's
 //! handler), `credential` (the kinds of credential behind one type), `routes`, `upstream`
-//! (header hygiene), `client` (upstream connection pools), `token` (OAuth cache, fetch,
-//! verify), `limits` (rate limits, in-flight caps, upstream pauses), `server` (listener, workers,
-//! connections, drain; generic over the handler), `error` (JSON errors), `emulator` (the
-//! built-in Sitecore emulator).
+//! (connection pools, targets, trust roots, header hygiene), `egress` (the HTTP proxy on the way
+//! out), `token` (OAuth cache, fetch, verify), `limits` (rate limits, in-flight caps, upstream
+//! pauses), `server` (listener, workers, connections, drain; generic over the handler), `error`
+//! (JSON errors), `emulator` (the built-in Sitecore emulator).
 
 pub mod admin;
 pub mod app;
 pub mod body;
 pub mod check;
-pub mod client;
 pub mod config;
 pub mod credential;
 #[cfg(feature = "emulator")]

@@ -12,10 +12,10 @@ use http::uri::PathAndQuery;
 use http::{HeaderValue, Uri};
 use percent_encoding::percent_decode_str;
 
-use crate::client::Target;
 use crate::config::RouteSettings;
 use crate::limits::RouteLimits;
 use crate::metrics::RouteMetrics;
+use crate::upstream::Target;
 
 /// One route, ready for the hot path.
 #[derive(Debug)]

@@ -1,12 +1,12 @@
 //! The validated configuration turned into what requests use: route table, credentials with
-//! their token caches, the pooled upstream client. One `Runtime` is swapped in as a whole on
+//! their token caches, the upstream connection pools. One `Runtime` is swapped in as a whole on
 //! reload, so a request sees one consistent configuration from start to end.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::client::UpstreamClient;
+use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::credential::{Credential, Resources};
 use crate::egress::Egress;
@@ -15,7 +15,7 @@ use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::routes::{Route, RouteTable};
 use crate::token::Tuning;
-use crate::upstream;
+use crate::upstream::{self, UpstreamPool};
 
 /// What the pipeline reads per request.
 #[derive(Debug)]
@@ -26,8 +26,8 @@ pub struct Runtime {
     pub routes: RouteTable,
     /// Credentials by name (only those used by a route).
     pub credentials: HashMap<String, Arc<Credential>>,
-    /// One pooled upstream client per worker thread (see [`Runtime::client`]).
-    pub clients_by_worker: Box<[UpstreamClient]>,
+    /// One upstream connection pool per worker thread (see [`Runtime::pool`]).
+    pub pools_by_worker: Box<[UpstreamPool<ProxyBody>]>,
     /// `server.forwarded_headers`.
     pub forwarded_headers: bool,
     /// `server.replay_body_limit`.
@@ -66,8 +66,8 @@ impl Runtime {
         let server = &config.server;
         let tls = upstream::tls_client_config(&server.upstream_ca)
             .map_err(|e| BuildError(format!("upstream TLS roots: {e}")))?;
-        let clients_by_worker = (0..pools.max(1))
-            .map(|_| UpstreamClient::new(tls.clone(), server.connect_timeout, server.idle_timeout))
+        let pools_by_worker = (0..pools.max(1))
+            .map(|_| UpstreamPool::new(tls.clone(), server.connect_timeout, server.idle_timeout))
             .collect();
         let http = token_http_client(
             tls,
@@ -124,7 +124,7 @@ impl Runtime {
             tls,
             routes: RouteTable::new(routes),
             credentials,
-            clients_by_worker,
+            pools_by_worker,
             forwarded_headers: server.forwarded_headers,
             replay_body_limit: server.replay_body_limit,
             rewrite_location: server.rewrite_location,
@@ -134,11 +134,11 @@ impl Runtime {
         })
     }
 
-    /// The upstream client of the calling worker thread. Each worker keeps its own pool, so a
+    /// The upstream connection pool of the calling worker thread. Each worker keeps its own, so a
     /// pooled connection is driven by the thread whose requests use it.
-    pub fn client(&self) -> &UpstreamClient {
-        let index = crate::server::worker_index() % self.clients_by_worker.len();
-        &self.clients_by_worker[index]
+    pub fn pool(&self) -> &UpstreamPool<ProxyBody> {
+        let index = crate::server::worker_index() % self.pools_by_worker.len();
+        &self.pools_by_worker[index]
     }
 
     /// The credential named by a route.

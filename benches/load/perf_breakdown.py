@@ -27,7 +27,7 @@ BUCKETS = [
     ("kernel: accept/other syscalls", r"do_syscall_64"),
     ("kernel: softirq/irq/scheduler (no syscall)", r"^ffffffff"),
     ("timer (tokio::time::timeout, sleep; user space)", r"tokio::runtime::time|tokio::time::"),
-    ("upstream client (our pool and its connection tasks: hyper h1 client)", r"sitecore_auth_proxy::client::|hyper_util::client::legacy|hyper::client::"),
+    ("upstream client (our pool and its connection tasks: hyper h1 client)", r"sitecore_auth_proxy::upstream::(pool|connect)::|hyper_util::client::legacy|hyper::client::"),
     ("hyper h1 server (parse/encode, dispatch)", r"hyper::proto::h1|hyper::server|hyper_util::server"),
     ("proxy pipeline (process_request, TrackedBody)", r"sitecore_auth_proxy::proxy"),
     ("malloc/free", r"malloc|_int_free|cfree|__libc_free|unlink_chunk"),

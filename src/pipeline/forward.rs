@@ -8,14 +8,14 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 
 use crate::body::{ProxyBody, UploadWatch};
-use crate::client::Lease;
 use crate::error::ProxyError;
 use crate::routes::Route;
 use crate::runtime::Runtime;
+use crate::upstream::Lease;
 
 /// The upstream's response head, with the lease of its pooled connection (see
 /// [`crate::body::PeerBody::releasing`]).
-pub(super) type Answer = (Response<Incoming>, Option<Lease>);
+pub(super) type Answer = (Response<Incoming>, Option<Lease<ProxyBody>>);
 
 /// Sends `request` and waits for the answer. While a streamed request body is still moving, the
 /// wait runs from its last bytes (the upstream answers once it has the whole body); while it
@@ -49,7 +49,7 @@ fn wait<'a>(
     upload: Option<&'a UploadWatch>,
 ) -> impl Future<Output = Result<Answer, ProxyError>> + 'a {
     async move {
-        let mut sent = std::pin::pin!(rt.client().request(&route.target, request));
+        let mut sent = std::pin::pin!(rt.pool().request(&route.target, request));
         let mut deadline = tokio::time::Instant::now() + route.timeout;
         loop {
             match tokio::time::timeout_at(deadline, &mut sent).await {

@@ -1,111 +1,76 @@
-//! The upstream client: one connection pool per worker thread, over hyper's connection-level
-//! client (`hyper::client::conn`).
+//! The upstream connection pools: one per worker thread, over hyper's connection-level client
+//! (`hyper::client::conn`).
 //!
 //! HTTP/1.1 connections are pooled per upstream (scheme and authority). A connection is handed
 //! out for one request and goes back to the pool with a [`Lease`] when the response body has
 //! been read to its end; a body dropped early takes its connection with it, because hyper
 //! cannot reuse a connection with unread bytes. HTTPS upstreams that pick `h2` by ALPN share one
 //! HTTP/2 connection per upstream instead; until an HTTPS upstream has said which it speaks, and
-//! while it speaks `h2`, connections to it are opened one at a time, so a cold burst opens one. A request that a reused connection closed on before it
-//! was sent is sent again, on another connection; a request that may have reached the upstream
-//! never is.
+//! while it speaks `h2`, connections to it are opened one at a time, so a cold burst opens one.
+//! A request that a reused connection closed on before it was sent is sent again, on another
+//! connection; a request that may have reached the upstream never is.
 //!
 //! Compared with hyper-util's general-purpose pool, this one does no work per request beyond a
 //! short uncontended lock: no connector service, no checkout/connect race, and no task spawned
 //! per request to wait for the connection to become idle.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use http::uri::{Authority, Scheme};
-use http::{Request, Response, Uri};
+use bytes::Bytes;
+use http::uri::Authority;
+use http::{Request, Response};
+use http_body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls_pki_types::ServerName;
-use tokio::net::TcpStream;
 
-use crate::body::ProxyBody;
+use super::connect::{http1_handshake, http2_handshake, tcp_connect, tls_connect};
+use super::target::{origin_form, Target};
+use super::UpstreamError;
 
 /// Idle HTTP/1.1 connections kept per upstream and worker; older ones are closed beyond this.
 const MAX_IDLE_PER_UPSTREAM: usize = 256;
-
-/// HTTP/2 pings on shared upstream connections, and how long a ping may go unanswered.
-const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
-const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How many times one request is sent again after pooled connections closed on it unsent (an
 /// upstream that closed its idle connections at once closes several pooled ones together).
 const MAX_RESENDS: u32 = 8;
 
-/// TCP keep-alive on upstream connections, so a pooled connection to a vanished host is found
-/// dead by the kernel.
-const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
-
-/// Why a request could not be sent or answered. The messages name the stage and never carry
-/// request data.
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    /// DNS resolution failed.
-    #[error("could not resolve {host}")]
-    Resolve {
-        host: Box<str>,
-        #[source]
-        source: std::io::Error,
-    },
-    /// No address of the host accepted a TCP connection.
-    #[error("tcp connect error")]
-    Connect(#[source] std::io::Error),
-    /// DNS plus TCP took longer than `server.connect_timeout`.
-    #[error("connecting took longer than {0:?}")]
-    ConnectTimeout(Duration),
-    /// The TLS handshake failed (for example an untrusted certificate).
-    #[error("TLS handshake failed")]
-    Tls(#[source] std::io::Error),
-    /// The host name is not a valid TLS server name.
-    #[error("{0} is not a valid TLS server name")]
-    ServerName(Box<str>),
-    /// The HTTP handshake failed (HTTP/2 preface or settings).
-    #[error("HTTP handshake failed")]
-    Handshake(#[source] hyper::Error),
-    /// Sending the request or reading the response head failed.
-    #[error("upstream request failed")]
-    Send(#[source] hyper::Error),
-}
-
-/// The client of one worker thread. Cheap to share by reference; requests made through it are
-/// driven by the calling thread's runtime.
+/// The connection pool of one worker thread, for requests with bodies of type `B`. Cheap to share
+/// by reference; requests made through it are driven by the calling thread's runtime.
+///
+/// Generic so that this module need not know the proxy's body type, which holds a [`Lease`] and
+/// so would make the two modules import each other. The proxy uses one body type, so this
+/// compiles to the same code as a pool written for it.
 #[derive(Debug)]
-pub struct UpstreamClient {
-    pool: Arc<Pool>,
+pub struct UpstreamPool<B> {
+    pool: Arc<Pool<B>>,
 }
 
 #[derive(Debug)]
-struct Pool {
+struct Pool<B> {
     tls: Arc<rustls::ClientConfig>,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    state: Mutex<State>,
+    state: Mutex<State<B>>,
 }
 
-#[derive(Debug, Default)]
-struct State {
-    upstreams: Vec<Upstream>,
+#[derive(Debug)]
+struct State<B> {
+    upstreams: Vec<Upstream<B>>,
     /// Whether a sweeper task is closing expired idle connections.
     sweeping: bool,
 }
 
 /// The connections to one scheme and authority.
-struct Upstream {
+struct Upstream<B> {
     https: bool,
     authority: Authority,
     /// Idle HTTP/1.1 connections, oldest first.
-    idle: VecDeque<Idle>,
+    idle: VecDeque<Idle<B>>,
     /// The shared HTTP/2 connection, when the upstream negotiated `h2`, and when a request
     /// last used it: unused for the idle timeout, it is let go like an idle HTTP/1.1 one.
-    h2: Option<http2::SendRequest<ProxyBody>>,
+    h2: Option<http2::SendRequest<B>>,
     h2_used: Instant,
     /// What the last TLS handshake negotiated.
     alpn: Alpn,
@@ -125,8 +90,8 @@ enum Alpn {
     Http2,
 }
 
-impl Upstream {
-    fn new(https: bool, authority: Authority) -> Upstream {
+impl<B> Upstream<B> {
+    fn new(https: bool, authority: Authority) -> Upstream<B> {
         Upstream {
             https,
             authority,
@@ -140,7 +105,7 @@ impl Upstream {
     }
 }
 
-impl std::fmt::Debug for Upstream {
+impl<B> std::fmt::Debug for Upstream<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstream")
             .field("https", &self.https)
@@ -151,20 +116,20 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
-struct Idle {
-    sender: http1::SendRequest<ProxyBody>,
+struct Idle<B> {
+    sender: http1::SendRequest<B>,
     since: Instant,
 }
 
 /// A connection ready for one request.
-enum Sender {
-    Http1(http1::SendRequest<ProxyBody>),
-    Http2(http2::SendRequest<ProxyBody>),
+enum Sender<B> {
+    Http1(http1::SendRequest<B>),
+    Http2(http2::SendRequest<B>),
 }
 
 /// What a pool lookup found.
-enum Checkout {
-    Ready(Sender),
+enum Checkout<B> {
+    Ready(Sender<B>),
     /// Nothing usable: connect. `h2_connect` is set when connects to this upstream are serialised.
     Connect {
         h2_connect: Option<Arc<tokio::sync::Mutex<()>>>,
@@ -174,13 +139,13 @@ enum Checkout {
 /// The HTTP/1.1 connection a response arrived on. [`Lease::release`] puts it back in its pool
 /// (the response body has been read to its end); dropping the lease closes it.
 #[must_use = "a dropped lease closes its connection"]
-pub struct Lease {
-    pool: Arc<Pool>,
+pub struct Lease<B> {
+    pool: Arc<Pool<B>>,
     upstream: usize,
-    sender: http1::SendRequest<ProxyBody>,
+    sender: http1::SendRequest<B>,
 }
 
-impl std::fmt::Debug for Lease {
+impl<B> std::fmt::Debug for Lease<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Lease")
             .field("upstream", &self.upstream)
@@ -188,28 +153,35 @@ impl std::fmt::Debug for Lease {
     }
 }
 
-impl Lease {
+impl<B: Send + 'static> Lease<B> {
     /// The response has been read to its end: the connection may carry the next request.
     pub fn release(self) {
         self.pool.check_in(self.upstream, self.sender);
     }
 }
 
-impl UpstreamClient {
-    /// A client trusting `tls`'s roots, bounding DNS plus TCP by `connect_timeout` and closing
+impl<B> UpstreamPool<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// A pool trusting `tls`'s roots, bounding DNS plus TCP by `connect_timeout` and closing
     /// connections idle for `idle_timeout`.
     pub fn new(
         mut tls: rustls::ClientConfig,
         connect_timeout: Duration,
         idle_timeout: Duration,
-    ) -> UpstreamClient {
+    ) -> UpstreamPool<B> {
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        UpstreamClient {
+        UpstreamPool {
             pool: Arc::new(Pool {
                 tls: Arc::new(tls),
                 connect_timeout,
                 idle_timeout,
-                state: Mutex::new(State::default()),
+                state: Mutex::new(State {
+                    upstreams: Vec::new(),
+                    sweeping: false,
+                }),
             }),
         }
     }
@@ -217,16 +189,17 @@ impl UpstreamClient {
     /// Sends `request` (origin-form URI: path and query) to `target` and returns the response
     /// head, with the lease of its HTTP/1.1 connection (`None` over HTTP/2).
     // Not an `async fn`: that would store `request` twice in every request's future (see
-    // `proxy::process_request`).
+    // `pipeline::process_request`).
     #[allow(clippy::manual_async_fn)]
     pub fn request<'a>(
         &'a self,
         target: &'a Target,
-        mut request: Request<ProxyBody>,
-    ) -> impl std::future::Future<Output = Result<(Response<Incoming>, Option<Lease>), UpstreamError>> + 'a
-    {
+        mut request: Request<B>,
+    ) -> impl std::future::Future<
+        Output = Result<(Response<Incoming>, Option<Lease<B>>), UpstreamError>,
+    > + 'a {
         async move {
-            let (upstream, mut checkout) = self.pool.find(target.https(), &target.authority);
+            let (upstream, mut checkout) = self.pool.find(target.https(), target.authority());
             let mut resends = 0;
             loop {
                 let (sender, reused) = match checkout {
@@ -278,7 +251,7 @@ impl UpstreamClient {
         &self,
         upstream: usize,
         h2_connect: Option<Arc<tokio::sync::Mutex<()>>>,
-    ) -> Result<(Sender, bool), UpstreamError> {
+    ) -> Result<(Sender<B>, bool), UpstreamError> {
         let Some(lock) = h2_connect else {
             return Ok((self.connect(upstream).await?, false));
         };
@@ -298,7 +271,7 @@ impl UpstreamClient {
     /// Opens a connection to `upstream` and notes whether that worked.
     ///
     /// The connect timeout bounds all of it: DNS, TCP, TLS and the HTTP handshake.
-    async fn connect(&self, upstream: usize) -> Result<Sender, UpstreamError> {
+    async fn connect(&self, upstream: usize) -> Result<Sender<B>, UpstreamError> {
         // Until it finishes, the attempt counts as failed: one abandoned midway (its request
         // timed out) lifts the one-at-a-time rule just as a failure does.
         let mut attempt = Attempt {
@@ -321,7 +294,7 @@ impl UpstreamClient {
         &self,
         upstream: usize,
         deadline: tokio::time::Instant,
-    ) -> Result<Sender, UpstreamError> {
+    ) -> Result<Sender<B>, UpstreamError> {
         let (https, authority) = self.pool.target(upstream);
         let host = authority
             .host()
@@ -330,160 +303,45 @@ impl UpstreamClient {
         let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
         let tcp = tcp_connect(host, port, deadline).await?;
         if !https {
-            return http1_handshake(TokioIo::new(tcp)).await;
+            return http1_handshake(tcp).await.map(Sender::Http1);
         }
-        let name = ServerName::try_from(host.to_owned())
-            .map_err(|_| UpstreamError::ServerName(host.into()))?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::clone(&self.pool.tls))
-            .connect(name, tcp)
-            .await
-            .map_err(UpstreamError::Tls)?;
+        let tls = tls_connect(&self.pool.tls, host, tcp).await?;
         if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
             self.pool.learned(upstream, Alpn::Http1);
-            return http1_handshake(TokioIo::new(tls)).await;
+            return http1_handshake(tls).await.map(Sender::Http1);
         }
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            // Pings keep a shared connection's path open (and find it dead) between requests.
-            .keep_alive_interval(H2_PING_INTERVAL)
-            .keep_alive_timeout(H2_PING_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(tls))
-            .await
-            .map_err(UpstreamError::Handshake)?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-            }
-        });
+        let sender = http2_handshake(tls).await?;
         self.pool.keep_h2(upstream, sender.clone());
         Ok(Sender::Http2(sender))
     }
 }
 
 /// Marks the upstream failing unless the connect it guards finished.
-struct Attempt<'a> {
-    pool: &'a Pool,
+struct Attempt<'a, B> {
+    pool: &'a Pool<B>,
     upstream: usize,
     connected: bool,
 }
 
-impl Drop for Attempt<'_> {
+impl<B> Drop for Attempt<'_, B> {
     fn drop(&mut self) {
         self.pool.lock().upstreams[self.upstream].failing = !self.connected;
     }
 }
 
-/// Resolves `host` and tries its addresses in order until one accepts, giving each an equal
-/// share of the time left before `deadline`, so an address that drops SYNs does not use it all.
-async fn tcp_connect(
-    host: &str,
-    port: u16,
-    deadline: tokio::time::Instant,
-) -> Result<TcpStream, UpstreamError> {
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|source| UpstreamError::Resolve {
-            host: host.into(),
-            source,
-        })?
-        .collect();
-    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses");
-    for (i, addr) in addrs.iter().enumerate() {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let share = left / u32::try_from(addrs.len() - i).unwrap_or(u32::MAX);
-        let attempt = tokio::time::timeout(share, TcpStream::connect(addr)).await;
-        match attempt.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())) {
-            Ok(stream) => {
-                // Both are best effort: a socket without them still works.
-                let _ = stream.set_nodelay(true);
-                let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
-                let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
-                return Ok(stream);
-            }
-            Err(e) => last = e,
-        }
-    }
-    Err(UpstreamError::Connect(last))
-}
-
-async fn http1_handshake<T>(io: TokioIo<T>) -> Result<Sender, UpstreamError>
-where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-{
-    let (sender, connection) = http1::handshake(io)
-        .await
-        .map_err(UpstreamError::Handshake)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
-        }
-    });
-    Ok(Sender::Http1(sender))
-}
-
 /// The request back when it never left and may be sent again, else the error.
-fn unsent_or_error(
-    mut e: hyper::client::conn::TrySendError<Request<ProxyBody>>,
+fn unsent_or_error<B>(
+    mut e: hyper::client::conn::TrySendError<Request<B>>,
     may_resend: bool,
-) -> Result<Request<ProxyBody>, UpstreamError> {
+) -> Result<Request<B>, UpstreamError> {
     match e.take_message() {
         Some(unsent) if may_resend => Ok(unsent),
         _ => Err(UpstreamError::Send(e.into_error())),
     }
 }
 
-/// Where requests go: an upstream's scheme and authority (a route's, built once per runtime).
-#[derive(Debug, Clone)]
-pub struct Target {
-    scheme: Scheme,
-    authority: Authority,
-}
-
-impl Target {
-    /// The target for `scheme` (`http` or `https`) and `authority`; `None` for other schemes.
-    pub fn new(scheme: &Scheme, authority: &Authority) -> Option<Target> {
-        (*scheme == Scheme::HTTPS || *scheme == Scheme::HTTP).then(|| Target {
-            scheme: scheme.clone(),
-            authority: authority.clone(),
-        })
-    }
-
-    /// Whether the scheme is `https`.
-    fn https(&self) -> bool {
-        self.scheme == Scheme::HTTPS
-    }
-
-    /// The scheme, `http` or `https`.
-    pub fn scheme(&self) -> &Scheme {
-        &self.scheme
-    }
-
-    /// The authority: host and port.
-    pub fn authority(&self) -> &Authority {
-        &self.authority
-    }
-
-    /// `uri`'s path and query at this target.
-    fn absolute(&self, uri: &Uri) -> Uri {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = uri.path_and_query().cloned();
-        Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
-    }
-}
-
-/// `path?query` of `uri`, as HTTP/1.1 sends it to an origin server.
-fn origin_form(uri: &Uri) -> Uri {
-    match uri.path_and_query() {
-        Some(path) if path.as_str() != "/" => Uri::from(path.clone()),
-        _ => Uri::from_static("/"),
-    }
-}
-
-impl Pool {
-    fn lock(&self) -> MutexGuard<'_, State> {
+impl<B> Pool<B> {
+    fn lock(&self) -> MutexGuard<'_, State<B>> {
         // The state stays consistent even if a holder panicked: every change is one operation.
         self.state
             .lock()
@@ -493,7 +351,7 @@ impl Pool {
     /// The index of the upstream for `https` and `authority`, added on first use, and a
     /// [`Pool::check_out`] from it under the same lock. Upstreams are never removed: they are
     /// the routes' targets, a fixed set per runtime.
-    fn find(&self, https: bool, authority: &Authority) -> (usize, Checkout) {
+    fn find(&self, https: bool, authority: &Authority) -> (usize, Checkout<B>) {
         let mut state = self.lock();
         let found = state
             .upstreams
@@ -520,7 +378,7 @@ impl Pool {
         (u.https, u.authority.clone())
     }
 
-    fn check_out(&self, upstream: usize) -> Checkout {
+    fn check_out(&self, upstream: usize) -> Checkout<B> {
         let mut state = self.lock();
         self.check_out_locked(&mut state.upstreams[upstream])
     }
@@ -528,7 +386,7 @@ impl Pool {
     /// A live connection for `u`: its HTTP/2 connection, or the most recently idle HTTP/1.1
     /// connection that is ready. Expired and closed connections met on the way are dropped; one
     /// still finishing its last exchange is left for later.
-    fn check_out_locked(&self, u: &mut Upstream) -> Checkout {
+    fn check_out_locked(&self, u: &mut Upstream<B>) -> Checkout<B> {
         let now = Instant::now();
         if let Some(h2) = &u.h2 {
             if !h2.is_closed() && h2.is_ready() && !self.expired(u.h2_used, now) {
@@ -563,8 +421,12 @@ impl Pool {
     fn learned(&self, upstream: usize, alpn: Alpn) {
         self.lock().upstreams[upstream].alpn = alpn;
     }
+}
 
-    fn keep_h2(self: &Arc<Self>, upstream: usize, sender: http2::SendRequest<ProxyBody>) {
+// Keeping a connection may start the sweeper, a task that holds the pool and may run on
+// another thread.
+impl<B: Send + 'static> Pool<B> {
+    fn keep_h2(self: &Arc<Self>, upstream: usize, sender: http2::SendRequest<B>) {
         let mut state = self.lock();
         let u = &mut state.upstreams[upstream];
         u.alpn = Alpn::Http2;
@@ -579,7 +441,7 @@ impl Pool {
 
     /// Makes sure a sweeper watches this pool; false when there is no runtime to run one on
     /// (never in the proxy), and then nothing should be kept idle.
-    fn swept(self: &Arc<Self>, mut state: MutexGuard<'_, State>) -> bool {
+    fn swept(self: &Arc<Self>, mut state: MutexGuard<'_, State<B>>) -> bool {
         if state.sweeping {
             return true;
         }
@@ -592,7 +454,7 @@ impl Pool {
         true
     }
 
-    fn check_in(self: &Arc<Self>, upstream: usize, sender: http1::SendRequest<ProxyBody>) {
+    fn check_in(self: &Arc<Self>, upstream: usize, sender: http1::SendRequest<B>) {
         if sender.is_closed() {
             return;
         }
@@ -614,7 +476,7 @@ impl Pool {
 /// Closes idle connections (HTTP/1.1 ones in the pool, shared HTTP/2 ones no request used) as
 /// they pass the idle timeout, so an upstream that gets no more requests does not keep sockets
 /// open. Sleeps until the oldest expires; ends when the pool is gone or keeps nothing.
-async fn sweep(pool: Weak<Pool>) {
+async fn sweep<B>(pool: Weak<Pool<B>>) {
     let mut next = Instant::now();
     loop {
         tokio::time::sleep_until(next.into()).await;
