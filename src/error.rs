@@ -12,7 +12,27 @@ use http::{HeaderValue, Response, StatusCode};
 
 use crate::body::ProxyBody;
 use crate::limits::RateLimitHeaders;
-use crate::token::TokenUnavailable;
+use std::sync::Arc;
+
+/// A request could not get a token from its credential; carries when to retry. Defined with the
+/// pipeline's errors, which carry it, so the token cache depends on them and not the reverse.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("no valid token for credential {credential}")]
+pub struct TokenUnavailable {
+    /// Credential name.
+    pub credential: Arc<str>,
+    /// Suggested wait before retrying.
+    pub retry_after: Duration,
+    /// The last attempt's error code, if any.
+    pub last_error: Option<String>,
+}
+
+impl TokenUnavailable {
+    /// `Retry-After` in whole seconds, at least 1.
+    pub fn retry_after_secs(&self) -> u64 {
+        self.retry_after.as_secs_f64().ceil().max(1.0) as u64
+    }
+}
 
 /// Everything that can go wrong while proxying one request.
 #[derive(Debug, thiserror::Error)]

@@ -15,9 +15,9 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use sitecore_auth_proxy::config::{Config, RouteSettings};
 use sitecore_auth_proxy::inbound::{parse_token_request, TokenRequestError};
+use sitecore_auth_proxy::routes::rewrite_location;
 use sitecore_auth_proxy::routes::{check_path, PathError, Route, RouteTable};
 use sitecore_auth_proxy::token::fetch::parse_token_response;
-use sitecore_auth_proxy::upstream::rewrite_location;
 
 /// Marks a value that must never be shown in an error, a problem or a `Debug`.
 const MARKER: &str = "ZQXJ-marker";

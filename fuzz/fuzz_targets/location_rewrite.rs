@@ -12,7 +12,7 @@ use http::HeaderValue;
 use libfuzzer_sys::fuzz_target;
 use sitecore_auth_proxy::config::RouteSettings;
 use sitecore_auth_proxy::routes::Route;
-use sitecore_auth_proxy::upstream::rewrite_location;
+use sitecore_auth_proxy::routes::rewrite_location;
 
 const PREFIXES: [&str; 4] = ["/", "/deploy", "/a/b", "/authoring"];
 

@@ -22,9 +22,10 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::watch;
 
 use crate::config::CredentialSettings;
+use crate::error::TokenUnavailable;
 use crate::metrics::Metrics;
 use crate::token::verify::Jwks;
-use crate::token::{OAuthCredential, Token, TokenUnavailable, Tuning};
+use crate::token::{OAuthCredential, Token, Tuning};
 
 pub use static_header::StaticHeader;
 

@@ -8,9 +8,10 @@ use http::{header, Response};
 use super::forward::Answer;
 use crate::body::{PeerBody, ProxyBody};
 use crate::limits::RateLimitHeaders;
+use crate::routes::rewrite_location;
 use crate::routes::Route;
 use crate::runtime::Runtime;
-use crate::upstream::{rewrite_location, strip_hop_by_hop};
+use crate::upstream::strip_hop_by_hop;
 
 /// The response to send the client, with the `RateLimit` fields of the limits it passed.
 pub(super) fn response_filter(

@@ -1,6 +1,6 @@
 //! The client-facing listener: accept loop, connection limit, TLS, HTTP/1.1 + HTTP/2 (h2c prior
 //! knowledge, or ALPN with TLS), the idle timeout, and the graceful drain. It serves any
-//! [`Handler`]: one tower `Service` per connection (the proxy's is in `crate::proxy_handler`).
+//! [`Handler`]: one tower `Service` per connection (the proxy's is `crate::pipeline::ProxyHandler`).
 //!
 //! The protocol comes from ALPN, or for plain connections from a `peek` at the first bytes, and
 //! the connection goes straight to hyper's HTTP/1 or HTTP/2 server; hyper-util's auto builder is

@@ -35,7 +35,7 @@ use rand::Rng;
 use tokio::sync::{watch, Notify};
 
 use crate::config::OAuthSettings;
-use crate::error::ErrorChain;
+use crate::error::{ErrorChain, TokenUnavailable};
 use crate::metrics::{CredentialLabels, Metrics, TokenLabels, VerificationLabels};
 use prometheus_client::metrics::counter::Counter;
 use verify::{Expectations, Jwks, VerifyError};
@@ -96,25 +96,6 @@ impl TokenError {
             TokenError::Malformed(_) => "malformed",
             TokenError::Invalid(_) => "invalid_token",
         }
-    }
-}
-
-/// A request could not get a token; carries when to retry.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("no valid token for credential {credential}")]
-pub struct TokenUnavailable {
-    /// Credential name.
-    pub credential: Arc<str>,
-    /// Suggested wait before retrying.
-    pub retry_after: Duration,
-    /// The last attempt's error code, if any.
-    pub last_error: Option<String>,
-}
-
-impl TokenUnavailable {
-    /// `Retry-After` in whole seconds, at least 1.
-    pub fn retry_after_secs(&self) -> u64 {
-        self.retry_after.as_secs_f64().ceil().max(1.0) as u64
     }
 }
 

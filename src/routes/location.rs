@@ -2,7 +2,7 @@
 
 use http::HeaderValue;
 
-use crate::routes::Route;
+use super::Route;
 
 /// Rewrites a `Location` that points into `route`'s upstream (absolute, or path-absolute under
 /// the upstream's base path) to the same place behind the proxy's prefix, so a tool that follows
@@ -52,7 +52,7 @@ pub fn rewrite_location(route: &Route, location: &HeaderValue) -> Option<HeaderV
     let path_end = rewritten.find(['?', '#']).unwrap_or(rewritten.len());
     if rewritten.starts_with("//")
         || rewritten.starts_with("/\\")
-        || crate::routes::check_path(&rewritten[..path_end]).is_err()
+        || super::check_path(&rewritten[..path_end]).is_err()
     {
         return None;
     }

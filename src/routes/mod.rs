@@ -1,8 +1,13 @@
-//! The route table: longest segment-prefix match, path rewrite and path safety.
+//! The route table: longest segment-prefix match, path rewrite and path safety, and the reverse
+//! rewrite of a `Location` pointing into an upstream ([`rewrite_location`]).
 //!
 //! Matching probes the path's own segment boundaries from the longest to the shortest in a hash
 //! map, so its cost depends on the depth of the path, not on the number of routes. Boundaries at
 //! a length no prefix has are skipped without hashing, so a typical request makes one probe.
+
+mod location;
+
+pub use location::rewrite_location;
 
 use std::collections::HashMap;
 use std::sync::Arc;
