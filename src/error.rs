@@ -64,6 +64,9 @@ pub enum ProxyError {
     /// The upstream could not be reached or broke the exchange.
     #[error("upstream unreachable")]
     UpstreamUnreachable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The egress proxy could not be reached or refused the way to the upstream.
+    #[error("upstream unreachable through the egress proxy")]
+    EgressUnreachable(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The upstream did not send response headers in time.
     #[error("upstream timed out after {0:?}")]
     UpstreamTimeout(Duration),
@@ -111,7 +114,9 @@ impl ProxyError {
                 StatusCode::TOO_MANY_REQUESTS
             }
             ProxyError::UpstreamThrottled { status, .. } => *status,
-            ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamUnreachable(_) | ProxyError::EgressUnreachable(_) => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::UpstreamTimeout(_) | ProxyError::RequestBodyStalled(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -132,7 +137,9 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::TooManyInFlight => "too_many_in_flight",
             ProxyError::UpstreamThrottled { .. } => "upstream_throttled",
-            ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
+            ProxyError::UpstreamUnreachable(_) | ProxyError::EgressUnreachable(_) => {
+                "upstream_unreachable"
+            }
             ProxyError::UpstreamTimeout(_) | ProxyError::RequestBodyStalled(_) => {
                 "upstream_timeout"
             }
@@ -140,8 +147,13 @@ impl ProxyError {
     }
 
     /// One safe sentence for the client: never a secret, a token or an upstream's raw body.
-    fn message(&self) -> &'static str {
-        match self {
+    fn message(&self) -> std::borrow::Cow<'static, str> {
+        if let ProxyError::EgressUnreachable(e) = self {
+            // The egress error names the proxy as `http://host:port` and the stage, never the
+            // proxy's credentials: the operator's way to tell a proxy problem from an upstream's.
+            return format!("The upstream could not be reached: {e}.").into();
+        }
+        std::borrow::Cow::Borrowed(match self {
             ProxyError::Unauthorized => "A valid client key or proxy-issued token is required.",
             ProxyError::Forbidden => "This client may not use this route.",
             ProxyError::NoRoute => "No route matches this path.",
@@ -161,17 +173,19 @@ impl ProxyError {
             ProxyError::UpstreamThrottled { .. } => {
                 "The upstream asked for a pause on this route; retry after the given time."
             }
-            ProxyError::UpstreamUnreachable(_) => "The upstream could not be reached.",
+            ProxyError::UpstreamUnreachable(_) | ProxyError::EgressUnreachable(_) => {
+                "The upstream could not be reached."
+            }
             ProxyError::UpstreamTimeout(_) => "The upstream did not answer in time.",
             ProxyError::RequestBodyStalled(_) => {
                 "The request body stopped arriving; the request was abandoned."
             }
-        }
+        })
     }
 
     /// The JSON response for this error.
     pub fn into_response(self) -> Response<ProxyBody> {
-        let mut response = json_response(self.status(), self.code(), self.message());
+        let mut response = json_response(self.status(), self.code(), &self.message());
         let headers = response.headers_mut();
         match &self {
             ProxyError::Unauthorized => {

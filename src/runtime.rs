@@ -67,7 +67,14 @@ impl Runtime {
         let tls = upstream::tls_client_config(&server.upstream_ca)
             .map_err(|e| BuildError(format!("upstream TLS roots: {e}")))?;
         let pools_by_worker = (0..pools.max(1))
-            .map(|_| UpstreamPool::new(tls.clone(), server.connect_timeout, server.idle_timeout))
+            .map(|_| {
+                UpstreamPool::new(
+                    tls.clone(),
+                    server.egress.clone(),
+                    server.connect_timeout,
+                    server.idle_timeout,
+                )
+            })
             .collect();
         let http = token_http_client(
             tls,

@@ -18,6 +18,8 @@
 //! The policies are named `"client"` (the client's own `rate`) and `"route"` (the route's shared
 //! `rate`).
 
+use std::io::Write;
+
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::rate::{whole_seconds_up, Allowed, RateLimiter, Refused};
@@ -27,11 +29,17 @@ pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-poli
 /// `RateLimit`.
 pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
-/// The rate-limit fields of one response, collected as the request passes its limiters.
+/// The rate-limit fields of one response, collected as the request passes its limiters (a
+/// request passes at most two: its client's and its route's). Held inline: the fields are built
+/// for every admitted response of a rate-limited route, so they cost no allocation but the two
+/// header values.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RateLimitHeaders {
-    items: Vec<Item>,
+    items: [Option<Item>; 2],
 }
+
+/// The longest field value: two items of a policy name and three numbers each.
+const MAX_VALUE: usize = 128;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Item {
@@ -59,24 +67,28 @@ impl RateLimitHeaders {
             Ok(allowed) => (allowed.remaining, allowed.reset),
             Err(refused) => (0, refused.retry_after),
         };
-        self.items.push(Item {
+        let item = Item {
             policy: limiter.policy(),
             quota: rate.count().get(),
             window_secs: rate.unit().seconds(),
             remaining,
             reset_secs: whole_seconds_up(reset),
-        });
+        };
+        if let Some(slot) = self.items.iter_mut().find(|slot| slot.is_none()) {
+            *slot = Some(item);
+        }
     }
 
     /// True when no rate limit applied to the request.
     pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
+        self.items[0].is_none()
     }
 
     /// The `RateLimit-Policy` value; `None` when no rate limit applied.
     pub fn policy_value(&self) -> Option<HeaderValue> {
-        self.value(|item| {
-            format!(
+        self.value(|out, item| {
+            write!(
+                out,
                 "\"{}\";q={};w={}",
                 item.policy, item.quota, item.window_secs
             )
@@ -85,8 +97,9 @@ impl RateLimitHeaders {
 
     /// The `RateLimit` value; `None` when no rate limit applied.
     pub fn ratelimit_value(&self) -> Option<HeaderValue> {
-        self.value(|item| {
-            format!(
+        self.value(|out, item| {
+            write!(
+                out,
                 "\"{}\";r={};t={}",
                 item.policy, item.remaining, item.reset_secs
             )
@@ -103,13 +116,25 @@ impl RateLimitHeaders {
         }
     }
 
-    fn value(&self, item: impl Fn(&Item) -> String) -> Option<HeaderValue> {
-        if self.items.is_empty() {
+    /// The items joined as one list, written on the stack and copied once into the value.
+    fn value(
+        &self,
+        item: impl Fn(&mut std::io::Cursor<&mut [u8]>, &Item) -> std::io::Result<()>,
+    ) -> Option<HeaderValue> {
+        let mut buf = [0u8; MAX_VALUE];
+        let mut out = std::io::Cursor::new(&mut buf[..]);
+        for (i, it) in self.items.iter().flatten().enumerate() {
+            if i > 0 {
+                out.write_all(b", ").ok()?;
+            }
+            item(&mut out, it).ok()?;
+        }
+        let len = usize::try_from(out.position()).ok()?;
+        if len == 0 {
             return None;
         }
-        let text = self.items.iter().map(item).collect::<Vec<_>>().join(", ");
         // Policy names are fixed ASCII and the rest are digits: always a valid value.
-        HeaderValue::try_from(text).ok()
+        HeaderValue::from_bytes(&buf[..len]).ok()
     }
 }
 

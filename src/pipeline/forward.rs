@@ -11,7 +11,7 @@ use crate::body::{ProxyBody, UploadWatch};
 use crate::error::ProxyError;
 use crate::routes::Route;
 use crate::runtime::Runtime;
-use crate::upstream::Lease;
+use crate::upstream::{Lease, UpstreamError};
 
 /// The upstream's response head, with the lease of its pooled connection (see
 /// [`crate::body::PeerBody::releasing`]).
@@ -54,6 +54,9 @@ fn wait<'a>(
         loop {
             match tokio::time::timeout_at(deadline, &mut sent).await {
                 Ok(Ok(response)) => return Ok(response),
+                Ok(Err(e @ UpstreamError::Egress { .. })) => {
+                    return Err(ProxyError::EgressUnreachable(Box::new(e)))
+                }
                 Ok(Err(e)) => return Err(ProxyError::UpstreamUnreachable(Box::new(e))),
                 Err(_) => {
                     let now = tokio::time::Instant::now();

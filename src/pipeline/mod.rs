@@ -139,7 +139,9 @@ fn proxy<'a>(
 /// The error's JSON response, counted and logged once with its whole chain.
 fn fail_to_proxy(record: &AccessRecord, error: ProxyError) -> Response<ProxyBody> {
     let kind = match &error {
-        ProxyError::UpstreamUnreachable(_) => Some("unreachable"),
+        ProxyError::UpstreamUnreachable(_) | ProxyError::EgressUnreachable(_) => {
+            Some("unreachable")
+        }
         ProxyError::UpstreamTimeout(_) => Some("timeout"),
         _ => None,
     };

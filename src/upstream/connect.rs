@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use super::UpstreamError;
+use crate::egress::ProxyEndpoint;
 
 /// HTTP/2 pings on shared upstream connections, and how long a ping may go unanswered.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
@@ -58,6 +59,81 @@ pub(super) async fn tcp_connect(
         }
     }
     Err(UpstreamError::Connect(last))
+}
+
+/// The longest `CONNECT` answer head read from an egress proxy.
+const MAX_TUNNEL_HEAD: usize = 8 * 1024;
+
+/// Opens a `CONNECT` tunnel to `host:port` through `proxy` on `tcp` (already connected to the
+/// proxy). The bytes after it are the upstream's: TLS runs end to end through it.
+pub(super) async fn tunnel(
+    mut tcp: TcpStream,
+    proxy: &ProxyEndpoint,
+    host: &str,
+    port: u16,
+) -> Result<TcpStream, UpstreamError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let failed = |reason: String| UpstreamError::Egress {
+        proxy: proxy.to_string(),
+        reason,
+    };
+    let authority = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let mut head = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
+    if let Some(auth) = proxy.authorization() {
+        head.push_str("Proxy-Authorization: ");
+        head.push_str(auth.to_str().unwrap_or_default());
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    tcp.write_all(head.as_bytes())
+        .await
+        .map_err(|e| failed(format!("the tunnel request could not be sent ({e})")))?;
+    // The proxy answers with a head only: the upstream speaks after the client's TLS hello, so
+    // nothing may follow the blank line yet.
+    let mut answer = Vec::with_capacity(256);
+    let mut buf = [0u8; 512];
+    let end = loop {
+        let n = tcp.read(&mut buf).await.map_err(|e| {
+            failed(format!(
+                "the connection broke while opening the tunnel ({e})"
+            ))
+        })?;
+        if n == 0 {
+            return Err(failed(
+                "closed the connection instead of opening the tunnel".into(),
+            ));
+        }
+        answer.extend_from_slice(&buf[..n]);
+        if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        if answer.len() > MAX_TUNNEL_HEAD {
+            return Err(failed(
+                "answered the tunnel request with an oversized head".into(),
+            ));
+        }
+    };
+    let status = std::str::from_utf8(&answer[..end])
+        .ok()
+        .and_then(|text| text.split_whitespace().nth(1))
+        .and_then(|code| code.parse::<u16>().ok());
+    match status {
+        Some(200..=299) if end == answer.len() => Ok(tcp),
+        Some(200..=299) => Err(failed("sent data before the tunnel was used".into())),
+        Some(407) => Err(failed(
+            "refused the tunnel: proxy authentication required (407); check the user and \
+             password in server.egress_proxy"
+                .into(),
+        )),
+        Some(code) => Err(failed(format!("refused the tunnel with status {code}"))),
+        None => Err(failed(
+            "answered the tunnel request with something that is not HTTP".into(),
+        )),
+    }
 }
 
 /// The TLS handshake with `host` over `tcp`, offering the ALPN protocols `tls` lists.

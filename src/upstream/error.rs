@@ -28,6 +28,15 @@ pub enum UpstreamError {
     /// The HTTP handshake failed (HTTP/2 preface or settings).
     #[error("HTTP handshake failed")]
     Handshake(#[source] hyper::Error),
+    /// The egress proxy could not be reached, or refused the tunnel or the request. Names the
+    /// proxy (`http://host:port`, never its credentials).
+    #[error("egress proxy {proxy}: {reason}")]
+    Egress {
+        /// The proxy, as `http://host:port`.
+        proxy: String,
+        /// What went wrong, in words safe to show a client.
+        reason: String,
+    },
     /// Sending the request or reading the response head failed.
     #[error("upstream request failed")]
     Send(#[source] hyper::Error),

@@ -20,14 +20,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::Authority;
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 
-use super::connect::{http1_handshake, http2_handshake, tcp_connect, tls_connect};
+use super::connect::{http1_handshake, http2_handshake, tcp_connect, tls_connect, tunnel};
 use super::target::{origin_form, Target};
 use super::UpstreamError;
+use crate::egress::{Egress, ProxyEndpoint};
 
 /// Idle HTTP/1.1 connections kept per upstream and worker; older ones are closed beyond this.
 const MAX_IDLE_PER_UPSTREAM: usize = 256;
@@ -50,6 +51,8 @@ pub struct UpstreamPool<B> {
 #[derive(Debug)]
 struct Pool<B> {
     tls: Arc<rustls::ClientConfig>,
+    /// Which upstreams are reached through an egress proxy.
+    egress: Egress,
     connect_timeout: Duration,
     idle_timeout: Duration,
     state: Mutex<State<B>>,
@@ -66,6 +69,11 @@ struct State<B> {
 struct Upstream<B> {
     https: bool,
     authority: Authority,
+    /// The egress proxy its connections go through, if any (the rule is fixed per runtime).
+    via: Option<ProxyEndpoint>,
+    /// For a plain-HTTP upstream behind an egress proxy: requests go in absolute form, with this
+    /// `Proxy-Authorization` (when the proxy has credentials).
+    forward: Option<Forward>,
     /// Idle HTTP/1.1 connections, oldest first.
     idle: VecDeque<Idle<B>>,
     /// The shared HTTP/2 connection, when the upstream negotiated `h2`, and when a request
@@ -90,11 +98,42 @@ enum Alpn {
     Http2,
 }
 
+/// How a request to a plain-HTTP upstream is sent through an egress proxy.
+#[derive(Debug, Clone)]
+struct Forward {
+    authorization: Option<HeaderValue>,
+}
+
+impl Forward {
+    /// The request as a forward proxy takes it: the target in absolute form, and the proxy's
+    /// credentials (the client's own `Proxy-Authorization` was stripped as hop-by-hop).
+    fn prepare<B>(&self, target: &Target, request: &mut Request<B>) {
+        *request.uri_mut() = target.absolute(request.uri());
+        if let Some(authorization) = &self.authorization {
+            request
+                .headers_mut()
+                .insert(http::header::PROXY_AUTHORIZATION, authorization.clone());
+        }
+    }
+}
+
 impl<B> Upstream<B> {
-    fn new(https: bool, authority: Authority) -> Upstream<B> {
+    fn new(https: bool, authority: Authority, egress: &Egress) -> Upstream<B> {
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let scheme = if https { "https" } else { "http" };
+        let via = egress.proxy_for(scheme, host, port).cloned();
+        let forward = via.as_ref().filter(|_| !https).map(|proxy| Forward {
+            authorization: proxy.authorization(),
+        });
         Upstream {
             https,
             authority,
+            via,
+            forward,
             idle: VecDeque::new(),
             h2: None,
             h2_used: Instant::now(),
@@ -165,10 +204,11 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    /// A pool trusting `tls`'s roots, bounding DNS plus TCP by `connect_timeout` and closing
-    /// connections idle for `idle_timeout`.
+    /// A pool trusting `tls`'s roots, reaching upstreams as `egress` says, bounding DNS plus TCP
+    /// by `connect_timeout` and closing connections idle for `idle_timeout`.
     pub fn new(
         mut tls: rustls::ClientConfig,
+        egress: Egress,
         connect_timeout: Duration,
         idle_timeout: Duration,
     ) -> UpstreamPool<B> {
@@ -176,6 +216,7 @@ where
         UpstreamPool {
             pool: Arc::new(Pool {
                 tls: Arc::new(tls),
+                egress,
                 connect_timeout,
                 idle_timeout,
                 state: Mutex::new(State {
@@ -199,7 +240,11 @@ where
         Output = Result<(Response<Incoming>, Option<Lease<B>>), UpstreamError>,
     > + 'a {
         async move {
-            let (upstream, mut checkout) = self.pool.find(target.https(), target.authority());
+            let (upstream, mut checkout, forward) =
+                self.pool.find(target.https(), target.authority());
+            if let Some(forward) = &forward {
+                forward.prepare(target, &mut request);
+            }
             let mut resends = 0;
             loop {
                 let (sender, reused) = match checkout {
@@ -237,6 +282,9 @@ where
                 // it, so it is safe to send again on another connection.
                 tracing::debug!("pooled upstream connection closed before sending; retrying");
                 *unsent.uri_mut() = origin_form(unsent.uri());
+                if let Some(forward) = &forward {
+                    forward.prepare(target, &mut unsent);
+                }
                 request = unsent;
                 resends += 1;
                 checkout = self.pool.check_out(upstream);
@@ -295,13 +343,28 @@ where
         upstream: usize,
         deadline: tokio::time::Instant,
     ) -> Result<Sender<B>, UpstreamError> {
-        let (https, authority) = self.pool.target(upstream);
+        let (https, authority, via) = self.pool.target(upstream);
         let host = authority
             .host()
             .trim_start_matches('[')
             .trim_end_matches(']');
         let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let tcp = tcp_connect(host, port, deadline).await?;
+        let tcp = match &via {
+            None => tcp_connect(host, port, deadline).await?,
+            Some(proxy) => {
+                let tcp = tcp_connect(&proxy.host, proxy.port, deadline)
+                    .await
+                    .map_err(|e| UpstreamError::Egress {
+                        proxy: proxy.to_string(),
+                        reason: format!("could not be reached ({e})"),
+                    })?;
+                if https {
+                    tunnel(tcp, proxy, host, port).await?
+                } else {
+                    tcp
+                }
+            }
+        };
         if !https {
             return http1_handshake(tcp).await.map(Sender::Http1);
         }
@@ -351,7 +414,7 @@ impl<B> Pool<B> {
     /// The index of the upstream for `https` and `authority`, added on first use, and a
     /// [`Pool::check_out`] from it under the same lock. Upstreams are never removed: they are
     /// the routes' targets, a fixed set per runtime.
-    fn find(&self, https: bool, authority: &Authority) -> (usize, Checkout<B>) {
+    fn find(&self, https: bool, authority: &Authority) -> (usize, Checkout<B>, Option<Forward>) {
         let mut state = self.lock();
         let found = state
             .upstreams
@@ -360,11 +423,13 @@ impl<B> Pool<B> {
         let index = found.unwrap_or_else(|| {
             state
                 .upstreams
-                .push(Upstream::new(https, authority.clone()));
+                .push(Upstream::new(https, authority.clone(), &self.egress));
             state.upstreams.len() - 1
         });
-        let checkout = self.check_out_locked(&mut state.upstreams[index]);
-        (index, checkout)
+        let upstream = &mut state.upstreams[index];
+        let forward = upstream.forward.clone();
+        let checkout = self.check_out_locked(upstream);
+        (index, checkout, forward)
     }
 
     /// Whether a connection unused since `since` has passed the idle timeout at `now`.
@@ -372,10 +437,10 @@ impl<B> Pool<B> {
         now.duration_since(since) >= self.idle_timeout
     }
 
-    fn target(&self, upstream: usize) -> (bool, Authority) {
+    fn target(&self, upstream: usize) -> (bool, Authority, Option<ProxyEndpoint>) {
         let state = self.lock();
         let u = &state.upstreams[upstream];
-        (u.https, u.authority.clone())
+        (u.https, u.authority.clone(), u.via.clone())
     }
 
     fn check_out(&self, upstream: usize) -> Checkout<B> {
