@@ -92,7 +92,7 @@ pub enum ProxyError {
         retry_after_secs: u64,
     },
     /// The client's request body moved no bytes for the route's timeout. Answered like an
-    /// upstream timeout (DESIGN.md has no client-timeout code) but with its own message, and not
+    /// upstream timeout (the error codes have none for a client timeout) but with its own message, and not
     /// counted against the upstream.
     #[error("request body stalled for {0:?}")]
     RequestBodyStalled(Duration),
@@ -123,7 +123,7 @@ impl ProxyError {
         }
     }
 
-    /// The stable error code of DESIGN.md.
+    /// The stable error code (README, "How a request is handled"), which users' scripts match on.
     pub fn code(&self) -> &'static str {
         match self {
             ProxyError::Unauthorized => "unauthorized",

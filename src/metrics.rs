@@ -1,4 +1,4 @@
-//! Prometheus metrics: the families of DESIGN.md, registered once per process and shared by the
+//! Prometheus metrics: the families the README lists under "Metrics", registered once per process and shared by the
 //! pipeline, the credentials and the admin listener.
 //!
 //! Counters and histograms are atomics behind prometheus-client's families; label values are

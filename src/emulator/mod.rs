@@ -14,6 +14,7 @@
 
 mod http;
 mod token;
+mod token_request;
 mod types;
 mod upstream;
 

@@ -81,7 +81,7 @@ pub struct AccessLine<'a> {
     pub bytes: u64,
     /// Whether the response body was sent to its end.
     pub complete: bool,
-    /// The DESIGN.md code of what cut the response, when something did.
+    /// The error code (README, "How a request is handled") of what cut the response, if anything did.
     pub error: Option<&'a str>,
 }
 

@@ -47,7 +47,7 @@ pub(super) struct AccessRecord {
     pub(super) outcome: Outcome,
     bytes: u64,
     complete: bool,
-    /// The DESIGN.md code of what cut the response body, when something did.
+    /// The error code (README, "How a request is handled") of what cut the response body, if anything did.
     cut: Option<&'static str>,
     /// The runtime the request was served by: its metrics, kept until the line is written.
     runtime: Arc<Runtime>,

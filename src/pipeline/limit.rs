@@ -1,5 +1,5 @@
-//! Phase 5, `limit`: the route's and the client's limits (DESIGN.md, "One gateway for many
-//! teams"). A route paused by its upstream answers with the upstream's status
+//! Phase 5, `limit`: the route's and the client's limits (README, "Rate limits and caps"). A
+//! route paused by its upstream answers with the upstream's status
 //! (`upstream_throttled`); over a `max_in_flight`, 429 `too_many_in_flight`; over a `rate`, 429
 //! `rate_limited` with `Retry-After` and the `RateLimit` fields. Runs before the credential, so
 //! a refused request never reaches the upstream and never costs a token. After the upstream

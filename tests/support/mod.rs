@@ -1,6 +1,7 @@
 //! Shared test harness: the built-in emulator and the proxy, in-process on 127.0.0.1:0.
 #![allow(dead_code)]
 
+pub mod forward_proxy;
 pub mod raw;
 pub mod tls;
 
