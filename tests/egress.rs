@@ -13,6 +13,8 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sitecore_auth_proxy::app::{self, Options};
@@ -34,15 +36,26 @@ const PROXY_PASSWORD: &str = "pr0xy-pa55word";
 /// `ca`, and the `upstream_ca` line that trusts it. Its token endpoint and JWKS stay plain HTTP
 /// on 127.0.0.1.
 async fn tls_emulator(ca: &TestCa) -> (Emulator, String) {
-    let server = tls::server_config(&ca.server());
+    tls_emulator_offering(ca, true).await
+}
+
+/// [`tls_emulator`], offering HTTP/2 by ALPN or only HTTP/1.1.
+async fn tls_emulator_offering(ca: &TestCa, offer_h2: bool) -> (Emulator, String) {
+    let mut server = (*tls::server_config(&ca.server())).clone();
+    if !offer_h2 {
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    }
     let emulator = Emulator::builder()
-        .upstream_tls(server)
+        .upstream_tls(Arc::new(server))
         .start()
         .await
         .expect("emulator starts");
     let dir = tls::temp_dir("egress-ca");
     let ca_file = tls::write(&dir, "ca.pem", &ca.pem());
-    let trust = format!("upstream_ca = [{}]\n", toml_str(&ca_file.display().to_string()));
+    let trust = format!(
+        "upstream_ca = [{}]\n",
+        toml_str(&ca_file.display().to_string())
+    );
     (emulator, trust)
 }
 
@@ -165,50 +178,64 @@ async fn https_upstream_goes_through_a_connect_tunnel_that_is_reused() {
         return;
     };
     let ca = TestCa::new("upstream CA");
-    let (emulator, trust) = tls_emulator(&ca).await;
-    let deploy_port = port_of(&emulator.api_base(Api::Deploy));
-    let text = text_for(&emulator, &format!("{trust}{}", egress_line(&forward.url())));
-    let h = start(emulator, &text).await;
+    // HTTP/2 multiplexes on one connection anyway; HTTP/1.1 shows that idle tunnels go back to
+    // the pool.
+    for offer_h2 in [true, false] {
+        let (emulator, trust) = tls_emulator_offering(&ca, offer_h2).await;
+        let deploy_port = port_of(&emulator.api_base(Api::Deploy));
+        let text = text_for(
+            &emulator,
+            &format!("{trust}{}", egress_line(&forward.url())),
+        );
+        let h = start(emulator, &text).await;
+        let label = format!("upstream offers h2={offer_h2}");
 
-    const REQUESTS: usize = 6;
-    for i in 0..REQUESTS {
-        let response = h.get(&format!("/deploy/api/projects/v1?n={i}")).await;
-        let echo = assert_echo(response, "deploy").await;
-        assert_eq!(echo["path"], "/api/projects/v1");
+        const REQUESTS: usize = 6;
+        for i in 0..REQUESTS {
+            let response = h.get(&format!("/deploy/api/projects/v1?n={i}")).await;
+            let echo = assert_echo(response, "deploy").await;
+            assert_eq!(echo["path"], "/api/projects/v1", "{label}");
+            let version = if offer_h2 { "HTTP/2.0" } else { "HTTP/1.1" };
+            assert_eq!(echo["version"], version, "{label}: ALPN end to end");
+        }
+
+        let seen: Vec<_> = h
+            .emulator
+            .seen_requests()
+            .into_iter()
+            .filter(|r| r.api == Api::Deploy)
+            .collect();
+        assert_eq!(
+            seen.len(),
+            REQUESTS,
+            "{label}: the upstream saw every request"
+        );
+        assert!(
+            seen.iter().all(|r| r.token_valid),
+            "{label}: each with the credential's token"
+        );
+
+        let tunnels = forward.connects_to(deploy_port);
+        assert!(
+            (1..REQUESTS).contains(&tunnels),
+            "{label}: {REQUESTS} sequential requests reuse a pooled tunnel: {tunnels} CONNECTs \
+             to localhost:{deploy_port}; log:\n{}",
+            forward.log()
+        );
+        assert!(
+            forward
+                .requests_to(deploy_port)
+                .iter()
+                .all(|r| r.is_connect() && r.target == format!("localhost:{deploy_port}")),
+            "{label}: an https:// upstream is only ever reached through CONNECT host:port: {:?}",
+            forward.requests_to(deploy_port)
+        );
+        assert_eq!(
+            h.emulator.upstream_connections(Api::Deploy),
+            tunnels as u64,
+            "{label}: every connection the upstream accepted came through a tunnel"
+        );
     }
-
-    let seen: Vec<_> = h
-        .emulator
-        .seen_requests()
-        .into_iter()
-        .filter(|r| r.api == Api::Deploy)
-        .collect();
-    assert_eq!(seen.len(), REQUESTS, "the upstream saw every request");
-    assert!(
-        seen.iter().all(|r| r.token_valid),
-        "each with the credential's token"
-    );
-
-    let tunnels = forward.connects_to(deploy_port);
-    assert!(
-        (1..REQUESTS).contains(&tunnels),
-        "{REQUESTS} sequential requests reuse a pooled tunnel: {tunnels} CONNECTs to \
-         localhost:{deploy_port}; log:\n{}",
-        forward.log()
-    );
-    assert!(
-        forward
-            .requests_to(deploy_port)
-            .iter()
-            .all(|r| r.is_connect() && r.target == format!("localhost:{deploy_port}")),
-        "an https:// upstream is only ever reached through CONNECT host:port: {:?}",
-        forward.requests_to(deploy_port)
-    );
-    assert_eq!(
-        h.emulator.upstream_connections(Api::Deploy),
-        tunnels as u64,
-        "every connection the upstream accepted came through a tunnel"
-    );
 }
 
 #[tokio::test]
@@ -221,9 +248,10 @@ async fn plain_http_upstream_is_sent_to_the_proxy_in_absolute_form() {
     let text = text_for(&emulator, &egress_line(&forward.url()));
     let h = start(emulator, &text).await;
 
-    // tinyproxy closes its client connection after each answer in absolute form: the pool must
-    // not hand out the closed connection.
-    const REQUESTS: usize = 3;
+    // tinyproxy closes its client connection after each answer in absolute form, without
+    // `Connection: close` (the upstream's HTTP/1.1 head is relayed as it came): back-to-back
+    // requests must never be sent on, and fail with, the connection it is closing.
+    const REQUESTS: usize = 10;
     for i in 0..REQUESTS {
         let response = h.get(&format!("/deploy/api/projects/v1?n={i}")).await;
         let echo = assert_echo(response, "deploy").await;
@@ -294,7 +322,10 @@ async fn no_proxy_sends_matching_hosts_direct() {
     };
     let ca = TestCa::new("upstream CA");
     let (emulator, trust) = tls_emulator(&ca).await;
-    let text = text_for(&emulator, &format!("{trust}{}", egress_line(&forward.url())));
+    let text = text_for(
+        &emulator,
+        &format!("{trust}{}", egress_line(&forward.url())),
+    );
     // Upper-case NO_PROXY as well, with another value: the lower-case name is read first.
     let env = [
         ("no_proxy", "127.0.0.1, .localhost,localhost".to_owned()),
@@ -303,7 +334,11 @@ async fn no_proxy_sends_matching_hosts_direct() {
     let h = start_with_env(emulator, &text, &env).await;
 
     assert_echo(get_promptly(&h, "/deploy/api/projects/v1").await, "deploy").await;
-    assert_echo(get_promptly(&h, "/edge-admin/content/x").await, "edge-admin").await;
+    assert_echo(
+        get_promptly(&h, "/edge-admin/content/x").await,
+        "edge-admin",
+    )
+    .await;
     assert!(h.emulator.token_requests_ok() >= 1);
     assert_eq!(
         forward.requests(),
@@ -372,7 +407,7 @@ async fn empty_egress_proxy_ignores_the_environment() {
 }
 
 #[tokio::test]
-async fn a_refusing_proxy_is_a_502_that_names_it() {
+async fn a_proxy_refusing_the_tunnel_is_a_502_that_names_it() {
     let Some(guarded) = ForwardProxy::start_with(ProxyOptions {
         basic_auth: Some((PROXY_USER.to_owned(), PROXY_PASSWORD.to_owned())),
         ..ProxyOptions::default()
@@ -386,34 +421,16 @@ async fn a_refusing_proxy_is_a_502_that_names_it() {
     // direct, so the token is not what fails.
     let ca = TestCa::new("upstream CA");
     let (emulator, trust) = tls_emulator(&ca).await;
-    let text = text_for(&emulator, &format!("{trust}{}", egress_line(&guarded.url())));
+    let text = text_for(
+        &emulator,
+        &format!("{trust}{}", egress_line(&guarded.url())),
+    );
     let env = [("NO_PROXY", "127.0.0.1".to_owned())];
     let h = start_with_env(emulator, &text, &env).await;
     let response = get_promptly(&h, "/deploy/api/projects/v1").await;
     assert_unreachable_via(response, &guarded.url(), PROXY_PASSWORD).await;
     assert_eq!(seen_by(&h, Api::Deploy), 0, "nothing reached the upstream");
     assert!(guarded.requests().iter().any(|r| r.is_connect()));
-    drop(h);
-
-    // 407 to a request in absolute form: the plain upstream shares 127.0.0.1 with the token
-    // endpoint, so only the token endpoint's port bypasses the proxy.
-    let emulator = plain_emulator().await;
-    let deploy_port = port_of(&emulator.api_base(Api::Deploy));
-    let auth_port = emulator.auth_addr().port();
-    let text = text_for(&emulator, &egress_line(&guarded.url()));
-    let env = [("NO_PROXY", format!("127.0.0.1:{auth_port}"))];
-    let h = start_with_env(emulator, &text, &env).await;
-    let response = get_promptly(&h, "/deploy/api/projects/v1").await;
-    assert_unreachable_via(response, &guarded.url(), PROXY_PASSWORD).await;
-    assert_eq!(seen_by(&h, Api::Deploy), 0, "nothing reached the upstream");
-    assert!(
-        guarded
-            .requests_to(deploy_port)
-            .iter()
-            .any(|r| r.method == "GET"),
-        "the request was refused by the proxy, not sent elsewhere; log:\n{}",
-        guarded.log()
-    );
     drop(h);
 
     // 403: this proxy allows CONNECT to port 443 only.
@@ -435,6 +452,38 @@ async fn a_refusing_proxy_is_a_502_that_names_it() {
 }
 
 #[tokio::test]
+async fn a_proxy_refusing_an_absolute_form_request_is_a_502_that_names_it() {
+    let Some(guarded) = ForwardProxy::start_with(ProxyOptions {
+        basic_auth: Some((PROXY_USER.to_owned(), PROXY_PASSWORD.to_owned())),
+        ..ProxyOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+
+    // 407 to a request in absolute form: the plain upstream shares 127.0.0.1 with the token
+    // endpoint, so only the token endpoint's port bypasses the proxy.
+    let emulator = plain_emulator().await;
+    let deploy_port = port_of(&emulator.api_base(Api::Deploy));
+    let auth_port = emulator.auth_addr().port();
+    let text = text_for(&emulator, &egress_line(&guarded.url()));
+    let env = [("NO_PROXY", format!("127.0.0.1:{auth_port}"))];
+    let h = start_with_env(emulator, &text, &env).await;
+    let response = get_promptly(&h, "/deploy/api/projects/v1").await;
+    assert_unreachable_via(response, &guarded.url(), PROXY_PASSWORD).await;
+    assert_eq!(seen_by(&h, Api::Deploy), 0, "nothing reached the upstream");
+    assert!(
+        guarded
+            .requests_to(deploy_port)
+            .iter()
+            .any(|r| r.method == "GET"),
+        "the request was refused by the proxy, not sent elsewhere; log:\n{}",
+        guarded.log()
+    );
+}
+
+#[tokio::test]
 async fn proxy_credentials_in_the_url_are_used_and_never_shown() {
     let Some(guarded) = ForwardProxy::start_with(ProxyOptions {
         basic_auth: Some((PROXY_USER.to_owned(), PROXY_PASSWORD.to_owned())),
@@ -451,7 +500,10 @@ async fn proxy_credentials_in_the_url_are_used_and_never_shown() {
     let (emulator, trust) = tls_emulator(&ca).await;
     let text = text_for(
         &emulator,
-        &format!("{trust}{}", egress_line(&guarded.url_with(PROXY_USER, wrong))),
+        &format!(
+            "{trust}{}",
+            egress_line(&guarded.url_with(PROXY_USER, wrong))
+        ),
     );
     let env = [("NO_PROXY", "127.0.0.1".to_owned())];
     let h = start_with_env(emulator, &text, &env).await;
@@ -478,8 +530,16 @@ async fn proxy_credentials_in_the_url_are_used_and_never_shown() {
         let echo = assert_echo(response, "deploy").await;
         assert!(!echo.to_string().contains(PROXY_PASSWORD));
     }
-    assert!(forward_saw(&guarded, deploy_port, "CONNECT"), "{}", guarded.log());
-    assert!(forward_saw(&guarded, auth_port, "POST"), "{}", guarded.log());
+    assert!(
+        forward_saw(&guarded, deploy_port, "CONNECT"),
+        "{}",
+        guarded.log()
+    );
+    assert!(
+        forward_saw(&guarded, auth_port, "POST"),
+        "{}",
+        guarded.log()
+    );
     let seen = h.emulator.seen_requests();
     assert!(
         seen.iter().all(|r| r
@@ -512,10 +572,7 @@ async fn proxy_credentials_in_the_url_are_used_and_never_shown() {
 
 /// Whether the forward proxy's log shows a `method` request to `port`.
 fn forward_saw(forward: &ForwardProxy, port: u16, method: &str) -> bool {
-    forward
-        .requests_to(port)
-        .iter()
-        .any(|r| r.method == method)
+    forward.requests_to(port).iter().any(|r| r.method == method)
 }
 
 #[tokio::test]
@@ -541,7 +598,11 @@ async fn a_dying_proxy_gives_prompt_502s_and_recovery_after_restart() {
     for _ in 0..3 {
         assert_echo(get_promptly(&h, "/deploy/api/projects/v1").await, "deploy").await;
     }
-    assert_echo(get_promptly(&h, "/edge-admin/content/x").await, "edge-admin").await;
+    assert_echo(
+        get_promptly(&h, "/edge-admin/content/x").await,
+        "edge-admin",
+    )
+    .await;
     let tunnels_before = forward.connects_to(deploy_port);
     assert!(tunnels_before >= 1, "{}", forward.log());
     assert_eq!(forward.connects_to(edge_port), 0, "the Edge host is direct");
@@ -564,7 +625,11 @@ async fn a_dying_proxy_gives_prompt_502s_and_recovery_after_restart() {
             );
         }
         // Other routes keep working meanwhile.
-        assert_echo(get_promptly(&h, "/edge-admin/content/x").await, "edge-admin").await;
+        assert_echo(
+            get_promptly(&h, "/edge-admin/content/x").await,
+            "edge-admin",
+        )
+        .await;
     }
     assert_eq!(
         seen_by(&h, Api::Deploy),
@@ -591,10 +656,50 @@ async fn a_dying_proxy_gives_prompt_502s_and_recovery_after_restart() {
     );
 }
 
+#[tokio::test]
+async fn a_silent_proxy_is_a_502_within_the_connect_timeout() {
+    // A proxy that accepts connections and never answers: no tinyproxy mode does that, so a
+    // listener plays it, holding every connection open.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let silent = format!("http://{}", listener.local_addr().expect("addr"));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+
+    let ca = TestCa::new("upstream CA");
+    let (emulator, trust) = tls_emulator(&ca).await;
+    // The request timeout is far beyond the bound: the connect timeout must cover the proxy's
+    // answer to CONNECT, not only the TCP connect.
+    let text = text_for(
+        &emulator,
+        &format!(
+            "{trust}{}connect_timeout = \"1s\"\nrequest_timeout = \"30s\"\n",
+            egress_line(&silent)
+        ),
+    );
+    let env = [("NO_PROXY", "127.0.0.1".to_owned())];
+    let h = start_with_env(emulator, &text, &env).await;
+
+    let response = get_promptly(&h, "/deploy/api/projects/v1").await;
+    assert_unreachable_via(response, &silent, PROXY_PASSWORD).await;
+    assert!(accepted.load(Ordering::SeqCst) >= 1, "the proxy was tried");
+    assert_eq!(seen_by(&h, Api::Deploy), 0);
+    holder.abort();
+}
+
 /// The built binary, with none of the proxy variables of the test's own environment.
 fn bin() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sitecore-auth-proxy"));
-    cmd.env_remove("SITECORE_PROXY_CONFIG").env_remove("RUST_LOG");
+    cmd.env_remove("SITECORE_PROXY_CONFIG")
+        .env_remove("RUST_LOG");
     for name in ["https_proxy", "http_proxy", "no_proxy"] {
         cmd.env_remove(name).env_remove(name.to_ascii_uppercase());
     }

@@ -18,8 +18,6 @@
 //! The policies are named `"client"` (the client's own `rate`) and `"route"` (the route's shared
 //! `rate`).
 
-use std::io::Write;
-
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::rate::{whole_seconds_up, Allowed, RateLimiter, Refused};
@@ -30,25 +28,24 @@ pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-poli
 pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// The rate-limit fields of one response, collected as the request passes its limiters (a
-/// request passes at most two: its client's and its route's). Held inline: the fields are built
-/// for every admitted response of a rate-limited route, so they cost no allocation but the two
-/// header values.
+/// request passes at most two: its client's and its route's). Held inline and written without
+/// `fmt`: the fields go on every admitted response of a rate-limited route.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RateLimitHeaders {
     items: [Option<Item>; 2],
 }
 
-/// The longest field value: two items of a policy name and three numbers each.
-const MAX_VALUE: usize = 128;
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Item {
+    /// The limiter's prebuilt `RateLimit-Policy` item.
+    policy_field: HeaderValue,
     policy: &'static str,
-    quota: u32,
-    window_secs: u32,
     remaining: u32,
     reset_secs: u64,
 }
+
+/// The longest `RateLimit` value: two items of a policy name and two numbers each.
+const MAX_VALUE: usize = 128;
 
 impl RateLimitHeaders {
     /// No limits yet.
@@ -62,15 +59,13 @@ impl RateLimitHeaders {
         limiter: &RateLimiter<C>,
         verdict: &Result<Allowed, Refused>,
     ) {
-        let rate = limiter.settings().rate;
         let (remaining, reset) = match verdict {
             Ok(allowed) => (allowed.remaining, allowed.reset),
             Err(refused) => (0, refused.retry_after),
         };
         let item = Item {
+            policy_field: limiter.policy_field().clone(),
             policy: limiter.policy(),
-            quota: rate.count().get(),
-            window_secs: rate.unit().seconds(),
             remaining,
             reset_secs: whole_seconds_up(reset),
         };
@@ -84,57 +79,52 @@ impl RateLimitHeaders {
         self.items[0].is_none()
     }
 
-    /// The `RateLimit-Policy` value; `None` when no rate limit applied.
-    pub fn policy_value(&self) -> Option<HeaderValue> {
-        self.value(|out, item| {
-            write!(
-                out,
-                "\"{}\";q={};w={}",
-                item.policy, item.quota, item.window_secs
-            )
-        })
+    /// The `RateLimit-Policy` items, one per limiter (each its own field line: a Structured Field
+    /// List split over several lines reads as one list).
+    pub fn policy_values(&self) -> impl Iterator<Item = &HeaderValue> {
+        self.items.iter().flatten().map(|item| &item.policy_field)
     }
 
     /// The `RateLimit` value; `None` when no rate limit applied.
     pub fn ratelimit_value(&self) -> Option<HeaderValue> {
-        self.value(|out, item| {
-            write!(
-                out,
-                "\"{}\";r={};t={}",
-                item.policy, item.remaining, item.reset_secs
-            )
-        })
-    }
-
-    /// Appends both fields to `headers`. Appended, not replacing: an upstream's own fields stay
-    /// (an intermediary must not make the advertised limits look more permissive), and Structured
-    /// Field Lists split over several field lines read as one list.
-    pub fn apply(&self, headers: &mut HeaderMap) {
-        if let (Some(policy), Some(ratelimit)) = (self.policy_value(), self.ratelimit_value()) {
-            headers.append(RATELIMIT_POLICY, policy);
-            headers.append(RATELIMIT, ratelimit);
-        }
-    }
-
-    /// The items joined as one list, written on the stack and copied once into the value.
-    fn value(
-        &self,
-        item: impl Fn(&mut std::io::Cursor<&mut [u8]>, &Item) -> std::io::Result<()>,
-    ) -> Option<HeaderValue> {
         let mut buf = [0u8; MAX_VALUE];
-        let mut out = std::io::Cursor::new(&mut buf[..]);
-        for (i, it) in self.items.iter().flatten().enumerate() {
-            if i > 0 {
-                out.write_all(b", ").ok()?;
+        let mut len = 0;
+        let mut push = |bytes: &[u8]| {
+            let end = len + bytes.len();
+            if let Some(slot) = buf.get_mut(len..end) {
+                slot.copy_from_slice(bytes);
+                len = end;
             }
-            item(&mut out, it).ok()?;
+        };
+        let mut digits = itoa::Buffer::new();
+        for (i, item) in self.items.iter().flatten().enumerate() {
+            if i > 0 {
+                push(b", ");
+            }
+            push(b"\"");
+            push(item.policy.as_bytes());
+            push(b"\";r=");
+            push(digits.format(item.remaining).as_bytes());
+            push(b";t=");
+            push(digits.format(item.reset_secs).as_bytes());
         }
-        let len = usize::try_from(out.position()).ok()?;
         if len == 0 {
             return None;
         }
         // Policy names are fixed ASCII and the rest are digits: always a valid value.
         HeaderValue::from_bytes(&buf[..len]).ok()
+    }
+
+    /// Appends the fields to `headers`. Appended, not replacing: an upstream's own fields stay
+    /// (an intermediary must not make the advertised limits look more permissive).
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        let Some(ratelimit) = self.ratelimit_value() else {
+            return;
+        };
+        for policy in self.policy_values() {
+            headers.append(RATELIMIT_POLICY, policy.clone());
+        }
+        headers.append(RATELIMIT, ratelimit);
     }
 }
 
@@ -172,8 +162,8 @@ mod tests {
         let mut headers = RateLimitHeaders::new();
         headers.record(&route, &verdict);
         assert_eq!(
-            headers.policy_value(),
-            Some(HeaderValue::from_static("\"route\";q=1;w=60"))
+            headers.policy_values().collect::<Vec<_>>(),
+            [&HeaderValue::from_static("\"route\";q=1;w=60")]
         );
         assert_eq!(
             headers.ratelimit_value(),
@@ -191,9 +181,10 @@ mod tests {
         let mut map = HeaderMap::new();
         map.insert(RATELIMIT, HeaderValue::from_static("\"upstream\";r=7;t=30"));
         headers.apply(&mut map);
+        // One field line per policy: the same list as one line joined with ", ".
         assert_eq!(
             fields(&map, &RATELIMIT_POLICY),
-            ["\"client\";q=600;w=60, \"route\";q=10000;w=3600"]
+            ["\"client\";q=600;w=60", "\"route\";q=10000;w=3600"]
         );
         assert_eq!(
             fields(&map, &RATELIMIT),

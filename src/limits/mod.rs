@@ -251,8 +251,9 @@ pub enum Refusal {
         scope: Scope,
         /// How long until a request would pass.
         refused: Refused,
-        /// The fields for the 429 (the client's verdict too when the route refused).
-        headers: RateLimitHeaders,
+        /// The fields for the 429 (the client's verdict too when the route refused); boxed, as
+        /// refusals are the rare path.
+        headers: Box<RateLimitHeaders>,
     },
     /// Over a `max_in_flight`: answer 429 `too_many_in_flight`.
     TooManyInFlight(Scope),
@@ -316,7 +317,7 @@ pub fn admit(route: &RouteLimits, client: Option<&ClientLimits>) -> Result<Admis
             return Err(Refusal::RateLimited {
                 scope,
                 refused,
-                headers,
+                headers: Box::new(headers),
             });
         }
     }

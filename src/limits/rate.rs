@@ -22,6 +22,8 @@ type Gcra<C> = governor::RateLimiter<NotKeyed, InMemoryState, C, StateInformatio
 pub struct RateLimiter<C: Clock = MonotonicClock> {
     settings: RateSettings,
     policy: &'static str,
+    /// This limiter's `RateLimit-Policy` item, built once: it says only what the settings say.
+    policy_field: http::HeaderValue,
     gcra: Gcra<C>,
     start: C::Instant,
     admitted: RecentCounts,
@@ -109,9 +111,18 @@ impl<C: Clock> RateLimiter<C> {
             .unwrap_or_else(|| Quota::per_second(settings.rate.count()))
             .allow_burst(settings.burst);
         let start = clock.now();
+        let rate = settings.rate;
+        let policy_field = http::HeaderValue::try_from(format!(
+            "\"{policy}\";q={};w={}",
+            rate.count(),
+            rate.unit().seconds()
+        ))
+        // A fixed ASCII name and two numbers: always a valid value.
+        .unwrap_or(http::HeaderValue::from_static(""));
         RateLimiter {
             settings,
             policy,
+            policy_field,
             gcra: governor::RateLimiter::direct_with_clock(quota, clock)
                 .with_middleware::<StateInformationMiddleware>(),
             start,
@@ -150,6 +161,11 @@ impl<C: Clock> RateLimiter<C> {
     /// The policy name used in the `RateLimit` header fields.
     pub fn policy(&self) -> &'static str {
         self.policy
+    }
+
+    /// This limiter's `RateLimit-Policy` item (`"route";q=80;w=1`).
+    pub fn policy_field(&self) -> &http::HeaderValue {
+        &self.policy_field
     }
 
     /// Requests admitted and refused over the last complete seconds.

@@ -49,7 +49,7 @@ pub(super) fn limit(
             refused, headers, ..
         } => ProxyError::RateLimited {
             retry_after_secs: refused.retry_after_secs(),
-            headers: Box::new(headers),
+            headers,
         },
         Refusal::TooManyInFlight(_) => ProxyError::TooManyInFlight,
     })
