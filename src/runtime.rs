@@ -184,6 +184,10 @@ fn token_http_client(
     reqwest::Client::builder()
         .no_proxy()
         .proxy(proxy)
+        // No idle connections: tokens and key sets are fetched minutes or hours apart, and a
+        // forward proxy may close a kept connection without saying so (tinyproxy does after an
+        // absolute-form exchange), failing the next fetch on it.
+        .pool_max_idle_per_host(0)
         .use_preconfigured_tls(tls)
         .connect_timeout(connect_timeout)
         .timeout(timeout)

@@ -2,8 +2,8 @@
 //! `https://` upstreams through a `CONNECT` tunnel (TLS end to end, certificate generated in the
 //! test and trusted through `upstream_ca`), `http://` upstreams and the token endpoint and JWKS
 //! in absolute form, `NO_PROXY`, the proxy variables of the environment when
-//! `server.egress_proxy` is absent, a proxy that refuses (407, 403) or dies, and what `check`
-//! prints. What went through the forward proxy is read from its log; what arrived is read from
+//! `server.egress_proxy` is absent, a proxy that refuses (407, 401, 403), stays silent or dies,
+//! and what `check` prints. What went through the forward proxy is read from its log; what arrived is read from
 //! the emulator.
 //!
 //! The environment is injected through `Config::parse`, never set on the test process, so the
@@ -28,7 +28,7 @@ use support::{config_text, eventually, fast_tuning, json, toml_str, Harness, Set
 /// `connect_timeout` (2 s) and a margin. A bound on the test, not a measurement.
 const PROMPT: Duration = Duration::from_secs(5);
 
-/// The password the forward proxy asks for.
+/// The user and password the forward proxy asks for, when it asks.
 const PROXY_USER: &str = "egress-user";
 const PROXY_PASSWORD: &str = "pr0xy-pa55word";
 

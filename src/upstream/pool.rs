@@ -259,6 +259,13 @@ where
                 let may_resend = reused && resends < MAX_RESENDS;
                 let mut unsent = match sender {
                     Sender::Http1(mut sender) => match sender.try_send_request(request).await {
+                        Ok(response)
+                            if forward.is_some()
+                                && response.status()
+                                    == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED =>
+                        {
+                            return Err(self.pool.egress_refused(upstream));
+                        }
                         Ok(response) => {
                             let lease = Lease {
                                 pool: Arc::clone(&self.pool),
@@ -329,9 +336,19 @@ where
         };
         let timeout = self.pool.connect_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
-        let result = tokio::time::timeout_at(deadline, self.open(upstream, deadline))
+        let target = self.pool.target(upstream);
+        let via = target.2.clone();
+        let result = tokio::time::timeout_at(deadline, self.open(upstream, target, deadline))
             .await
-            .unwrap_or(Err(UpstreamError::ConnectTimeout(timeout)));
+            .unwrap_or_else(|_| {
+                Err(match via {
+                    Some(proxy) => UpstreamError::Egress {
+                        proxy: proxy.to_string(),
+                        reason: format!("did not open the way to the upstream within {timeout:?}"),
+                    },
+                    None => UpstreamError::ConnectTimeout(timeout),
+                })
+            });
         attempt.connected = result.is_ok();
         result
     }
@@ -341,9 +358,9 @@ where
     async fn open(
         &self,
         upstream: usize,
+        (https, authority, via): (bool, Authority, Option<ProxyEndpoint>),
         deadline: tokio::time::Instant,
     ) -> Result<Sender<B>, UpstreamError> {
-        let (https, authority, via) = self.pool.target(upstream);
         let host = authority
             .host()
             .trim_start_matches('[')
@@ -437,6 +454,20 @@ impl<B> Pool<B> {
         now.duration_since(since) >= self.idle_timeout
     }
 
+    /// The error for a forward proxy's 407 to a plain-HTTP request.
+    fn egress_refused(&self, upstream: usize) -> UpstreamError {
+        let proxy = self.lock().upstreams[upstream]
+            .via
+            .as_ref()
+            .map_or_else(String::new, ToString::to_string);
+        UpstreamError::Egress {
+            proxy,
+            reason: "refused the request: proxy authentication required (407); check the user \
+                     and password in server.egress_proxy"
+                .into(),
+        }
+    }
+
     fn target(&self, upstream: usize) -> (bool, Authority, Option<ProxyEndpoint>) {
         let state = self.lock();
         let u = &state.upstreams[upstream];
@@ -525,6 +556,13 @@ impl<B: Send + 'static> Pool<B> {
         }
         let mut state = self.lock();
         let u = &mut state.upstreams[upstream];
+        if u.forward.is_some() {
+            // A forward proxy may close a connection after an absolute-form exchange without
+            // saying so (tinyproxy does), and a request sent on it then fails after it may have
+            // left. Plain-HTTP upstreams behind an egress proxy are rare (Sitecore's are HTTPS,
+            // whose CONNECT tunnels are pooled): one connection per request.
+            return;
+        }
         u.idle.push_back(Idle {
             sender,
             since: Instant::now(),

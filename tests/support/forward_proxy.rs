@@ -3,16 +3,22 @@
 //! every request it received (`CONNECT host:port` for a tunnel, `GET http://host:port/path` for
 //! a request in absolute form).
 //!
-//! What tinyproxy 1.11 does, as these tests rely on it:
-//! - with no `ConnectPort` line, `CONNECT` to any port is allowed (the packaged configuration
-//!   restricts it to 443 and 563); [`ProxyOptions::connect_ports`] restores a restriction, and a
-//!   `CONNECT` to another port is answered 403;
-//! - with a `BasicAuth` line, a request without the right `Proxy-Authorization` is answered 407
-//!   (and still logged as a `Request` line, without an `Established connection` after it);
+//! What tinyproxy 1.11 does, as these tests rely on it (checked against 1.11.1):
+//! - with no `ConnectPort` line, `CONNECT` to any port is allowed (the upstream sample
+//!   configuration lists 443 and 563; Debian's packaged one lists none);
+//!   [`ProxyOptions::connect_ports`] restricts it, and a `CONNECT` to another port is answered
+//!   403;
+//! - with a `BasicAuth` line, a request without `Proxy-Authorization` is answered 407, one with
+//!   wrong credentials 401; either is still logged as a `Request` line, without an `Established
+//!   connection` after it;
 //! - each request is logged at level `Connect` as `Request (file descriptor N): <request line>`,
-//!   before the proxy connects onwards;
-//! - a request in absolute form is answered and the connection closed (no keep-alive towards the
-//!   client); a `CONNECT` tunnel stays open until either side closes it or `Timeout` passes.
+//!   before the proxy connects onwards; a connection that sends nothing (the start-up probe)
+//!   shows as a `Connect` line and a `read_request_line` error;
+//! - a request in absolute form is answered and then the connection is closed, without a
+//!   `Connection: close` (the upstream's HTTP/1.1 head is relayed as it came), so a client that
+//!   pools it races the close; a `CONNECT` tunnel stays open until either side closes it or
+//!   `Timeout` passes;
+//! - it restarts on the same port right after a SIGKILL.
 //!
 //! The binary is `/usr/bin/tinyproxy` (`.ci/run` installs it). Without it a test is skipped with a
 //! note, except under CI (`CI` set), where its absence fails the test.
