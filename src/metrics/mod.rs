@@ -3,11 +3,18 @@
 //!
 //! Counters and histograms are atomics behind prometheus-client's families; label values are
 //! `Arc<str>` clones of names the runtime already holds, so recording allocates nothing.
+//!
+//! `history` keeps the last 15 minutes of every route and client for the status page's charts;
+//! a request records into it in the same place as into its Prometheus series
+//! ([`RouteMetrics::record`]).
+
+pub mod history;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use history::{Histories, History};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -130,6 +137,11 @@ pub struct Metrics {
     pub token_verification_failures: Family<VerificationLabels, Counter>,
     /// `config_reloads_total{outcome}`.
     pub config_reloads: Family<OutcomeLabels, Counter>,
+    /// Each route's last 15 minutes (requests, errors, latency), by prefix; not exported to
+    /// Prometheus, shown on `/status`.
+    pub route_histories: Histories,
+    /// Each client's last 15 minutes (requests, errors), by name (`-` without clients).
+    pub client_histories: Arc<Histories>,
 }
 
 /// Histogram buckets for a proxy: 100 µs doubling to about 26 s.
@@ -261,9 +273,14 @@ impl Metrics {
         for outcome in ["success", "error"] {
             let _ = config_reloads.get_or_create(&OutcomeLabels { outcome });
         }
+        let client_histories = Arc::new(Histories::new(false));
         Metrics {
             registry,
-            unrouted_requests: RouteRequests::new(requests.clone(), Arc::from("-")),
+            unrouted_requests: RouteRequests::new(
+                requests.clone(),
+                Arc::from("-"),
+                Arc::clone(&client_histories),
+            ),
             requests,
             duration,
             upstream_errors,
@@ -278,6 +295,8 @@ impl Metrics {
             token_forced_refreshes,
             token_verification_failures,
             config_reloads,
+            route_histories: Histories::new(true),
+            client_histories,
         }
     }
 
@@ -295,7 +314,8 @@ impl Metrics {
 
     /// Creates the zero-valued series of a route, so dashboards see 0 rather than nothing, and
     /// returns the route's handles on its series: recording through them skips the families'
-    /// lookups (a hash of the labels and a lock) on every request.
+    /// lookups (a hash of the labels and a lock) on every request. A route of the same prefix
+    /// (after a reload) gets the same history.
     pub fn register_route(&self, route: &Arc<str>) -> RouteMetrics {
         for kind in ["unreachable", "timeout"] {
             let _ = self.upstream_errors.get_or_create(&UpstreamErrorLabels {
@@ -310,7 +330,12 @@ impl Metrics {
                     route: Arc::clone(route),
                 })
                 .clone(),
-            requests: RouteRequests::new(self.requests.clone(), Arc::clone(route)),
+            requests: RouteRequests::new(
+                self.requests.clone(),
+                Arc::clone(route),
+                Arc::clone(&self.client_histories),
+            ),
+            history: self.route_histories.get_or_create(route),
         }
     }
 
@@ -348,6 +373,8 @@ pub struct RouteMetrics {
     pub duration: Histogram,
     /// Its series of `proxy_requests_total`.
     pub requests: RouteRequests,
+    /// Its last 15 minutes, for the status page.
+    pub history: Arc<History>,
 }
 
 impl RouteMetrics {
@@ -355,18 +382,36 @@ impl RouteMetrics {
     pub fn unregistered(route: &Arc<str>) -> RouteMetrics {
         RouteMetrics {
             duration: duration_histogram(),
-            requests: RouteRequests::new(Family::default(), Arc::clone(route)),
+            requests: RouteRequests::new(
+                Family::default(),
+                Arc::clone(route),
+                Arc::new(Histories::new(false)),
+            ),
+            history: Arc::new(History::with_latency()),
         }
+    }
+
+    /// Records one finished request of this route, once, from its access record:
+    /// `proxy_requests_total{route, client, status}`, `proxy_request_duration_seconds{route}`,
+    /// and the route's and client's histories.
+    pub fn record(&self, client: &Arc<str>, status: u16, seconds: f64) {
+        // When tracing lands, the request's trace id can ride along here as an exemplar.
+        let bucket = history::current_bucket();
+        self.requests.count_in(bucket, client, status);
+        self.duration.observe(seconds);
+        self.history.record_in(bucket, status, seconds);
     }
 }
 
-/// The series of `proxy_requests_total` a route has counted, by client and status. Counting
-/// looks the pair up in a snapshot of the series seen so far, without a lock or a hash; a series
-/// seen for the first time comes from the family and goes into a new snapshot.
+/// The series of `proxy_requests_total` a route has counted, by client and status, and the
+/// histories of those clients. Counting looks the pair up in a snapshot of the series seen so
+/// far, without a lock or a hash; a series seen for the first time comes from the family (and
+/// its client's history from the histories) and goes into a new snapshot.
 #[derive(Debug)]
 pub struct RouteRequests {
     family: Family<RequestLabels, Counter>,
     route: Arc<str>,
+    clients: Arc<Histories>,
     seen: ArcSwap<Vec<SeenSeries>>,
 }
 
@@ -376,6 +421,7 @@ struct SeenSeries {
     client: Arc<str>,
     status: u16,
     counter: Counter,
+    usage: Arc<History>,
 }
 
 /// The snapshot's bound. It keeps the first series a route sees (a route's clients and
@@ -384,22 +430,34 @@ struct SeenSeries {
 const MAX_SEEN: usize = 64;
 
 impl RouteRequests {
-    fn new(family: Family<RequestLabels, Counter>, route: Arc<str>) -> RouteRequests {
+    fn new(
+        family: Family<RequestLabels, Counter>,
+        route: Arc<str>,
+        clients: Arc<Histories>,
+    ) -> RouteRequests {
         RouteRequests {
             family,
             route,
+            clients,
             seen: ArcSwap::from_pointee(Vec::new()),
         }
     }
 
-    /// `proxy_requests_total{route, client, status}` + 1.
+    /// `proxy_requests_total{route, client, status}` + 1, and the request in the client's
+    /// history.
     pub fn count(&self, client: &Arc<str>, status: u16) {
+        self.count_in(history::current_bucket(), client, status);
+    }
+
+    /// [`RouteRequests::count`], in the history's bucket `bucket`.
+    fn count_in(&self, bucket: u64, client: &Arc<str>, status: u16) {
         let same = |s: &SeenSeries| {
             s.status == status && (Arc::ptr_eq(&s.client, client) || s.client == *client)
         };
         let seen = self.seen.load();
         if let Some(series) = seen.iter().find(|s| same(s)) {
             series.counter.inc();
+            series.usage.record_in(bucket, status, 0.0);
             return;
         }
         let full = seen.len() >= MAX_SEEN;
@@ -413,6 +471,8 @@ impl RouteRequests {
             })
             .clone();
         counter.inc();
+        let usage = self.clients.get_or_create(client);
+        usage.record_in(bucket, status, 0.0);
         if full {
             // No new snapshot (`rcu` would copy and swap one even with nothing to add).
             return;
@@ -424,6 +484,7 @@ impl RouteRequests {
                     client: Arc::clone(client),
                     status,
                     counter: counter.clone(),
+                    usage: Arc::clone(&usage),
                 });
             }
             seen
@@ -461,6 +522,42 @@ mod tests {
         assert_eq!(count_of(&metrics, "team-a", 503), Some(1));
         assert_eq!(count_of(&metrics, "team-b", 200), Some(1));
         assert_eq!(route.requests.seen.load().len(), 3);
+    }
+
+    #[test]
+    fn a_recorded_request_is_counted_timed_and_kept_in_both_histories() {
+        let metrics = Metrics::new();
+        let label: Arc<str> = Arc::from("/deploy");
+        let route = metrics.register_route(&label);
+        let client = Arc::<str>::from("team-a");
+        route.record(&client, 200, 0.004);
+        route.record(&client, 429, 0.000_05);
+        metrics.unrouted_requests.count(&client, 404);
+        assert_eq!(count_of(&metrics, "team-a", 200), Some(1));
+        assert!(metrics
+            .encode()
+            .contains("proxy_request_duration_seconds_count{route=\"/deploy\"} 2"));
+
+        let next = history::current_bucket() + 1;
+        let routed = route.history.snapshot_before(next);
+        assert_eq!(routed.requests.iter().sum::<u32>(), 2);
+        assert_eq!(routed.refused.iter().sum::<u32>(), 1);
+        let usage = metrics
+            .client_histories
+            .get("team-a")
+            .expect("client history")
+            .snapshot_before(next);
+        assert_eq!(
+            usage.requests.iter().sum::<u32>(),
+            3,
+            "unrouted requests too"
+        );
+        assert_eq!(usage.errors.iter().sum::<u32>(), 1);
+        assert_eq!(usage.p50_ms, None, "clients keep no latency");
+
+        // A reload registers the route again: same history.
+        let again = metrics.register_route(&label);
+        assert!(Arc::ptr_eq(&route.history, &again.history));
     }
 
     #[test]
