@@ -199,7 +199,9 @@ struct Cell {
 /// Two credentials and two routes. `automation` fetches from `token_url` (the fault server in
 /// token-endpoint cells) while its issuer and JWKS stay on the emulator; `healthy` always uses
 /// the emulator. `/faulty` forwards to `faulty_upstream` with `automation`; `/healthy` forwards
-/// to the emulator with `healthy`.
+/// to the emulator with `healthy`. `/faulty` does not honour an upstream's `Retry-After`: the
+/// matrix checks what each fault relays, request after request (the pause an upstream 429 starts
+/// is `tests/rate_limits.rs`'s).
 fn config_text(emulator: &Emulator, token_url: &str, faulty_upstream: &str, ca: &str) -> String {
     let id = toml_str(sitecore_auth_proxy::emulator::DEFAULT_CLIENT_ID);
     let secret = toml_str(sitecore_auth_proxy::emulator::DEFAULT_CLIENT_SECRET);
@@ -209,7 +211,8 @@ fn config_text(emulator: &Emulator, token_url: &str, faulty_upstream: &str, ca: 
          token_url = {token_url}\nissuer = {issuer}\njwks_url = {jwks}\n\n\
          [credentials.healthy]\nclient_id = {id}\nclient_secret = {secret}\n\
          token_url = {healthy_token_url}\n\n\
-         [[routes]]\nprefix = \"/faulty\"\nupstream = {faulty_upstream}\ncredential = \"automation\"\n\n\
+         [[routes]]\nprefix = \"/faulty\"\nupstream = {faulty_upstream}\ncredential = \"automation\"\n\
+         honor_upstream_retry_after = false\n\n\
          [[routes]]\nprefix = \"/healthy\"\nupstream = {healthy_upstream}\ncredential = \"healthy\"\n",
         ca = toml_str(ca),
         token_url = toml_str(token_url),
