@@ -74,6 +74,8 @@ pub struct Shared {
     pub shutting_down: AtomicBool,
     /// Process start.
     pub started_at: SystemTime,
+    /// The proxy listener's bound address (the configured one may name port 0).
+    pub listen_addr: SocketAddr,
     tuning: Tuning,
     workers: Workers,
     refreshers: Mutex<Vec<(Arc<Credential>, JoinHandle<()>)>>,
@@ -188,6 +190,7 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Sta
         open_connections: Arc::clone(&open_connections),
         shutting_down: AtomicBool::new(false),
         started_at: SystemTime::now(),
+        listen_addr: addr,
         tuning: options.tuning,
         workers: options.workers,
         refreshers: Mutex::new(Vec::new()),

@@ -60,6 +60,10 @@ enum Command {
         /// Where the proxy listens.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// Where the admin listener (status page, metrics) listens; default: a free loopback
+        /// port.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
     },
     /// Read an inbound API key on stdin and print its SHA-256 for `key_sha256`.
     HashKey,
@@ -94,7 +98,7 @@ fn main() -> ExitCode {
             Command::Run => run(&cli.config).await,
             Command::Check { fetch } => check(&cli.config, fetch).await,
             #[cfg(feature = "emulator")]
-            Command::Demo { listen } => demo(listen).await,
+            Command::Demo { listen, admin } => demo(listen, admin).await,
             Command::HashKey => hash_key(),
             Command::Healthcheck { admin } => healthcheck(&admin).await,
         }
@@ -251,8 +255,9 @@ async fn check(path: &std::path::Path, fetch: bool) -> ExitCode {
 }
 
 #[cfg(feature = "emulator")]
-async fn demo(listen: SocketAddr) -> ExitCode {
-    let demo = match sitecore_auth_proxy::demo::start(listen).await {
+async fn demo(listen: SocketAddr, admin: Option<SocketAddr>) -> ExitCode {
+    use sitecore_auth_proxy::demo::{self, DEFAULT_ADMIN};
+    let demo = match demo::start(listen, admin.unwrap_or(DEFAULT_ADMIN)).await {
         Ok(d) => d,
         Err(e) => {
             eprintln!("demo: {}", ErrorChain(&e));
@@ -266,14 +271,22 @@ async fn demo(listen: SocketAddr) -> ExitCode {
         "  token endpoint   {}  (emulated; the proxy holds the secret)",
         demo.emulator.token_url()
     );
-    for (prefix, api) in sitecore_auth_proxy::demo::ROUTES {
+    for (prefix, api) in demo::ROUTES {
         println!("  route {prefix:<18} -> {}", demo.emulator.api_base(api));
     }
+    println!(
+        "  status page      {}  (open in a browser)",
+        demo.status_page_url()
+    );
+    println!("  metrics          {}", demo.metrics_url());
     println!();
     println!("Try these (no token needed; the proxy injects one):");
     for command in demo.curl_commands() {
         println!("  {command}");
     }
+    println!("Then watch them on the status page, or:");
+    println!("  curl -s {}", demo.status_page_url());
+    println!("  curl -s {}", demo.metrics_url());
     println!();
     println!("Press Ctrl-C to stop.");
     wait_for_stop_signal().await;

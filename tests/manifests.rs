@@ -3,6 +3,12 @@
 //! longer than the drain, security context, Secret wiring, selectors) and the `Dockerfile`
 //! (stages, non-root user, health check, baked configuration). Docker and a cluster are not
 //! needed: the files are parsed, and the configurations are validated with `Config::parse`.
+//! The alert rules and the dashboard (`deploy/prometheus/`, `deploy/grafana/`) are checked in
+//! `manifests/observability.rs`.
+
+#[path = "manifests/observability.rs"]
+mod observability;
+mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -124,8 +124,7 @@ impl Drop for AccessRecord {
         let seconds = elapsed.as_secs_f64();
         match &self.outcome.route {
             Some(route) => {
-                route.metrics.requests.count(client, self.status);
-                route.metrics.duration.observe(seconds);
+                route.metrics.record(client, self.status, seconds);
             }
             None => {
                 metrics.unrouted_requests.count(client, self.status);

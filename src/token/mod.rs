@@ -266,17 +266,22 @@ impl OAuthCredential {
     }
 
     /// Its `/status` entry (without the name): endpoint, audience, token health. Never the token.
+    /// The times of its token's life (`last_refresh`: issued, `refresh_due`, `valid_until`) are
+    /// wall-clock times; `retry_at` is the next attempt while failing.
     pub fn describe(&self, now: SystemTime) -> serde_json::Value {
         let status = self.status();
         let token = self.current();
+        let wall = wall_clock(now, Instant::now());
         serde_json::json!({
             "type": "oauth",
             "token_url": self.settings.token_url.as_str(),
             "audience": self.settings.audience,
             "token_valid": token.is_some(),
             "valid_until": rfc3339(status.valid_until),
-            "expires_in_seconds": token.map(|t| t.expires_at.duration_since(now).unwrap_or_default().as_secs()),
+            "expires_in_seconds": token.as_ref().map(|t| t.expires_at.duration_since(now).unwrap_or_default().as_secs()),
             "last_refresh": rfc3339(status.last_refresh),
+            "refresh_due": rfc3339(token.as_ref().map(|t| wall(t.refresh_due))),
+            "retry_at": rfc3339(status.retry_at.map(wall)),
             "consecutive_failures": status.consecutive_failures,
             "last_error": status.last_error,
             "token_requests": status.attempts,
@@ -549,6 +554,14 @@ fn arc_swap_ptr_eq(a: &Option<Arc<Token>>, b: &Option<Arc<Token>>) -> bool {
         (Some(a), Some(b)) => Arc::ptr_eq(a, b),
         (None, None) => true,
         _ => false,
+    }
+}
+
+/// Turns instants into wall-clock times, given one moment read on both clocks.
+fn wall_clock(now: SystemTime, now_instant: Instant) -> impl Fn(Instant) -> SystemTime {
+    move |at| match at.checked_duration_since(now_instant) {
+        Some(ahead) => now + ahead,
+        None => now - now_instant.duration_since(at),
     }
 }
 

@@ -3,11 +3,19 @@
 //!
 //! Counters and histograms are atomics behind prometheus-client's families; label values are
 //! `Arc<str>` clones of names the runtime already holds, so recording allocates nothing.
+//!
+//! `route` holds a route's handles on its series; `history` keeps the last 15 minutes of every
+//! route and client for the status page's charts. A finished request is recorded into both in
+//! one place ([`RouteMetrics::record`]).
+
+pub mod history;
+mod route;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use history::Histories;
+pub use route::{RouteMetrics, RouteRequests};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -130,6 +138,11 @@ pub struct Metrics {
     pub token_verification_failures: Family<VerificationLabels, Counter>,
     /// `config_reloads_total{outcome}`.
     pub config_reloads: Family<OutcomeLabels, Counter>,
+    /// Each route's last 15 minutes (requests, errors, latency), by prefix; not exported to
+    /// Prometheus, shown on `/status`.
+    pub route_histories: Histories,
+    /// Each client's last 15 minutes (requests, errors), by name (`-` without clients).
+    pub client_histories: Arc<Histories>,
 }
 
 /// Histogram buckets for a proxy: 100 µs doubling to about 26 s.
@@ -261,9 +274,14 @@ impl Metrics {
         for outcome in ["success", "error"] {
             let _ = config_reloads.get_or_create(&OutcomeLabels { outcome });
         }
+        let client_histories = Arc::new(Histories::new(false));
         Metrics {
             registry,
-            unrouted_requests: RouteRequests::new(requests.clone(), Arc::from("-")),
+            unrouted_requests: RouteRequests::new(
+                requests.clone(),
+                Arc::from("-"),
+                Arc::clone(&client_histories),
+            ),
             requests,
             duration,
             upstream_errors,
@@ -278,6 +296,8 @@ impl Metrics {
             token_forced_refreshes,
             token_verification_failures,
             config_reloads,
+            route_histories: Histories::new(true),
+            client_histories,
         }
     }
 
@@ -295,7 +315,8 @@ impl Metrics {
 
     /// Creates the zero-valued series of a route, so dashboards see 0 rather than nothing, and
     /// returns the route's handles on its series: recording through them skips the families'
-    /// lookups (a hash of the labels and a lock) on every request.
+    /// lookups (a hash of the labels and a lock) on every request. A route of the same prefix
+    /// (after a reload) gets the same history.
     pub fn register_route(&self, route: &Arc<str>) -> RouteMetrics {
         for kind in ["unreachable", "timeout"] {
             let _ = self.upstream_errors.get_or_create(&UpstreamErrorLabels {
@@ -310,7 +331,12 @@ impl Metrics {
                     route: Arc::clone(route),
                 })
                 .clone(),
-            requests: RouteRequests::new(self.requests.clone(), Arc::clone(route)),
+            requests: RouteRequests::new(
+                self.requests.clone(),
+                Arc::clone(route),
+                Arc::clone(&self.client_histories),
+            ),
+            history: self.route_histories.get_or_create(route),
         }
     }
 
@@ -341,147 +367,9 @@ impl Metrics {
     }
 }
 
-/// A route's handles on its series (see [`Metrics::register_route`]).
-#[derive(Debug)]
-pub struct RouteMetrics {
-    /// Its series of `proxy_request_duration_seconds`.
-    pub duration: Histogram,
-    /// Its series of `proxy_requests_total`.
-    pub requests: RouteRequests,
-}
-
-impl RouteMetrics {
-    /// Handles on series that no registry exports: for routes built alone (tests, benchmarks).
-    pub fn unregistered(route: &Arc<str>) -> RouteMetrics {
-        RouteMetrics {
-            duration: duration_histogram(),
-            requests: RouteRequests::new(Family::default(), Arc::clone(route)),
-        }
-    }
-}
-
-/// The series of `proxy_requests_total` a route has counted, by client and status. Counting
-/// looks the pair up in a snapshot of the series seen so far, without a lock or a hash; a series
-/// seen for the first time comes from the family and goes into a new snapshot.
-#[derive(Debug)]
-pub struct RouteRequests {
-    family: Family<RequestLabels, Counter>,
-    route: Arc<str>,
-    seen: ArcSwap<Vec<SeenSeries>>,
-}
-
-/// One series in a [`RouteRequests`] snapshot.
-#[derive(Debug, Clone)]
-struct SeenSeries {
-    client: Arc<str>,
-    status: u16,
-    counter: Counter,
-}
-
-/// The snapshot's bound. It keeps the first series a route sees (a route's clients and
-/// statuses are few, and a reload starts a new snapshot); series beyond it are counted through
-/// the family's lookup, as before the snapshots.
-const MAX_SEEN: usize = 64;
-
-impl RouteRequests {
-    fn new(family: Family<RequestLabels, Counter>, route: Arc<str>) -> RouteRequests {
-        RouteRequests {
-            family,
-            route,
-            seen: ArcSwap::from_pointee(Vec::new()),
-        }
-    }
-
-    /// `proxy_requests_total{route, client, status}` + 1.
-    pub fn count(&self, client: &Arc<str>, status: u16) {
-        let same = |s: &SeenSeries| {
-            s.status == status && (Arc::ptr_eq(&s.client, client) || s.client == *client)
-        };
-        let seen = self.seen.load();
-        if let Some(series) = seen.iter().find(|s| same(s)) {
-            series.counter.inc();
-            return;
-        }
-        let full = seen.len() >= MAX_SEEN;
-        drop(seen);
-        let counter = self
-            .family
-            .get_or_create(&RequestLabels {
-                route: Arc::clone(&self.route),
-                client: Arc::clone(client),
-                status,
-            })
-            .clone();
-        counter.inc();
-        if full {
-            // No new snapshot (`rcu` would copy and swap one even with nothing to add).
-            return;
-        }
-        self.seen.rcu(|seen| {
-            let mut seen = Vec::clone(seen);
-            if seen.len() < MAX_SEEN && !seen.iter().any(same) {
-                seen.push(SeenSeries {
-                    client: Arc::clone(client),
-                    status,
-                    counter: counter.clone(),
-                });
-            }
-            seen
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn count_of(metrics: &Metrics, client: &str, status: u16) -> Option<u64> {
-        let line = format!(
-            "proxy_requests_total{{route=\"/deploy\",client=\"{client}\",status=\"{status}\"}} "
-        );
-        let text = metrics.encode();
-        let at = text.find(&line)? + line.len();
-        text[at..].split_whitespace().next()?.parse().ok()
-    }
-
-    #[test]
-    fn a_route_counts_its_requests_by_client_and_status_in_the_family() {
-        let metrics = Metrics::new();
-        let route = metrics.register_route(&Arc::from("/deploy"));
-        let (a, b) = (Arc::<str>::from("team-a"), Arc::<str>::from("team-b"));
-        // An equal name in another allocation is the same series.
-        let a_again = Arc::<str>::from("team-a");
-        for _ in 0..3 {
-            route.requests.count(&a, 200);
-        }
-        route.requests.count(&a_again, 200);
-        route.requests.count(&a, 503);
-        route.requests.count(&b, 200);
-        assert_eq!(count_of(&metrics, "team-a", 200), Some(4));
-        assert_eq!(count_of(&metrics, "team-a", 503), Some(1));
-        assert_eq!(count_of(&metrics, "team-b", 200), Some(1));
-        assert_eq!(route.requests.seen.load().len(), 3);
-    }
-
-    #[test]
-    fn series_beyond_the_snapshot_bound_are_still_counted() {
-        let metrics = Metrics::new();
-        let route = metrics.register_route(&Arc::from("/deploy"));
-        let client = Arc::<str>::from("-");
-        for status in 100..(100 + MAX_SEEN as u16 + 10) {
-            route.requests.count(&client, status);
-            route.requests.count(&client, status);
-        }
-        assert_eq!(route.requests.seen.load().len(), MAX_SEEN);
-        // A full snapshot is not copied and swapped again for series beyond it.
-        let full = route.requests.seen.load_full();
-        route.requests.count(&client, 999);
-        assert!(Arc::ptr_eq(&full, &route.requests.seen.load_full()));
-        assert_eq!(count_of(&metrics, "-", 999), Some(1));
-        for status in [100, 100 + MAX_SEEN as u16 + 9] {
-            assert_eq!(count_of(&metrics, "-", status), Some(2), "status {status}");
-        }
-    }
 
     #[test]
     fn the_worker_connection_gauges_are_the_exported_series() {
