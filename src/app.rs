@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -19,6 +18,7 @@ use crate::metrics::{Metrics, OutcomeLabels};
 use crate::pipeline::ProxyHandler;
 use crate::runtime::{BuildError, Runtime};
 use crate::server::{self, ListenerSettings, Workers};
+use crate::shared::Shared;
 use crate::token::{OAuthCredential, Tuning};
 
 /// Why the proxy could not start.
@@ -61,33 +61,19 @@ pub struct Options {
     pub workers: Workers,
 }
 
-/// State shared by the listeners, the admin endpoints and reload.
+/// The credentials' background tasks (token refreshers), one per credential, kept across reloads
+/// for the credentials a reload keeps.
 #[derive(Debug)]
-pub struct Shared {
-    /// The runtime currently serving; swapped whole on reload.
-    pub runtime: Arc<ArcSwap<Runtime>>,
-    /// Prometheus families.
-    pub metrics: Arc<Metrics>,
-    /// Open client connections per worker: the server's `proxy_open_connections` gauges.
-    open_connections: Arc<[Gauge]>,
-    /// Set the moment shutdown begins (`/readyz` turns 503).
-    pub shutting_down: AtomicBool,
-    /// Process start.
-    pub started_at: SystemTime,
-    /// The proxy listener's bound address (the configured one may name port 0).
-    pub listen_addr: SocketAddr,
-    tuning: Tuning,
-    workers: Workers,
-    refreshers: Mutex<Vec<(Arc<Credential>, JoinHandle<()>)>>,
-    refresher_stop: watch::Receiver<bool>,
-    reload_lock: tokio::sync::Mutex<()>,
+struct Refreshers {
+    tasks: Mutex<Vec<(Arc<Credential>, JoinHandle<()>)>>,
+    stop: watch::Receiver<bool>,
 }
 
-impl Shared {
+impl Refreshers {
     /// Starts the background task (token refresher) of every credential of `runtime` that has
     /// none, and stops those whose credential is gone. Credentials a reload kept keep theirs.
-    fn sync_refreshers(&self, runtime: &Runtime) {
-        let Ok(mut refreshers) = self.refreshers.lock() else {
+    fn sync(&self, runtime: &Runtime) {
+        let Ok(mut refreshers) = self.tasks.lock() else {
             return;
         };
         let wanted: Vec<&Arc<Credential>> = runtime.credentials.values().collect();
@@ -102,46 +88,17 @@ impl Shared {
             if refreshers.iter().any(|(c, _)| Arc::ptr_eq(c, credential)) {
                 continue;
             }
-            if let Some(task) = credential.background(self.refresher_stop.clone()) {
+            if let Some(task) = credential.background(self.stop.clone()) {
                 refreshers.push((Arc::clone(credential), tokio::spawn(task)));
             }
         }
     }
 
-    fn stop_refreshers(&self) {
-        if let Ok(refreshers) = self.refreshers.lock() {
+    fn stop(&self) {
+        if let Ok(refreshers) = self.tasks.lock() {
             for (_, task) in refreshers.iter() {
                 task.abort();
             }
-        }
-    }
-
-    /// Open client connections, per worker thread (one entry when served inline).
-    pub fn open_connections(&self) -> Vec<i64> {
-        self.open_connections.iter().map(Gauge::get).collect()
-    }
-
-    /// Whether `/readyz` should answer 200, and if not, why. A replica is ready once every
-    /// credential in use has been up since it was built; a credential that goes down later
-    /// degrades only its own routes (every replica shares the token endpoint, so pulling them
-    /// all would turn one credential's outage into an outage of every route), unless
-    /// `[admin] ready_requires = "all_tokens"` asks for every credential to be up now.
-    pub fn readiness(&self) -> Result<(), Vec<String>> {
-        let mut reasons = Vec::new();
-        if self.shutting_down.load(Ordering::Acquire) {
-            reasons.push("shutting down".to_owned());
-        }
-        let runtime = self.runtime.load();
-        let strict = runtime.config.ready_requires_all_tokens();
-        for credential in runtime.credentials_by_name() {
-            if strict || !credential.has_been_up() {
-                reasons.extend(credential.down_reason());
-            }
-        }
-        if reasons.is_empty() {
-            Ok(())
-        } else {
-            Err(reasons)
         }
     }
 }
@@ -152,6 +109,11 @@ pub struct RunningProxy {
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
+    tuning: Tuning,
+    workers: Workers,
+    refreshers: Refreshers,
+    /// Reloads run one at a time.
+    reload_lock: tokio::sync::Mutex<()>,
     shutdown: watch::Sender<bool>,
     /// Ends the drain at once (on drop).
     cut: watch::Sender<bool>,
@@ -191,13 +153,12 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Sta
         shutting_down: AtomicBool::new(false),
         started_at: SystemTime::now(),
         listen_addr: addr,
-        tuning: options.tuning,
-        workers: options.workers,
-        refreshers: Mutex::new(Vec::new()),
-        refresher_stop: refresher_stop_rx,
-        reload_lock: tokio::sync::Mutex::new(()),
     });
-    shared.sync_refreshers(&shared.runtime.load());
+    let refreshers = Refreshers {
+        tasks: Mutex::new(Vec::new()),
+        stop: refresher_stop_rx,
+    };
+    refreshers.sync(&shared.runtime.load());
 
     let (admin_addr, admin) = match admin_listener {
         Some(listener) => {
@@ -233,6 +194,10 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Sta
         addr,
         admin_addr,
         shared,
+        tuning: options.tuning,
+        workers: options.workers,
+        refreshers,
+        reload_lock: tokio::sync::Mutex::new(()),
         shutdown,
         cut,
         admin_stop,
@@ -272,7 +237,7 @@ impl RunningProxy {
 
     /// Where client connections are served.
     pub fn workers(&self) -> Workers {
-        self.shared.workers
+        self.workers
     }
 
     /// Shared state (metrics, readiness).
@@ -300,14 +265,14 @@ impl RunningProxy {
     /// The listen addresses and listener limits are fixed at start; changing them needs a
     /// restart (logged).
     pub async fn reload(&self, config: Config) -> Result<(), ReloadError> {
-        let _serialised = self.shared.reload_lock.lock().await;
+        let _serialised = self.reload_lock.lock().await;
         let current = self.shared.runtime.load_full();
         let result = Runtime::build(
             Arc::new(config),
-            &self.shared.tuning,
+            &self.tuning,
             &self.shared.metrics,
             Some(&current),
-            self.shared.workers.pools(),
+            self.workers.pools(),
         );
         let runtime = match result {
             Ok(r) => r,
@@ -325,7 +290,7 @@ impl RunningProxy {
         }
         let runtime = Arc::new(runtime);
         self.shared.runtime.store(Arc::clone(&runtime));
-        self.shared.sync_refreshers(&runtime);
+        self.refreshers.sync(&runtime);
         self.count_reload("success");
         tracing::info!(
             routes = runtime.config.routes.len(),
@@ -366,7 +331,7 @@ impl RunningProxy {
     pub async fn wait(mut self) {
         let _ = (&mut self.server).await;
         self.refresher_stop.send_replace(true);
-        self.shared.stop_refreshers();
+        self.refreshers.stop();
         self.admin_stop.send_replace(true);
         if let Some(admin) = self.admin.take() {
             let _ = admin.await;
@@ -380,7 +345,7 @@ impl Drop for RunningProxy {
         self.cut.send_replace(true);
         self.refresher_stop.send_replace(true);
         self.admin_stop.send_replace(true);
-        self.shared.stop_refreshers();
+        self.refreshers.stop();
         self.server.abort();
         if let Some(admin) = &self.admin {
             admin.abort();

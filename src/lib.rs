@@ -30,6 +30,7 @@ pub mod routes;
 pub mod runtime;
 pub mod secret;
 pub mod server;
+pub mod shared;
 pub mod tls;
 pub mod token;
 pub mod upstream;

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::app::Shared;
 use crate::metrics::CredentialLabels;
+use crate::shared::Shared;
 
 /// Sets the gauges that are read off the credentials (seconds left, up) and encodes every metric.
 pub(super) fn metrics_text(shared: &Shared) -> String {

@@ -25,9 +25,9 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::app::Shared;
 use crate::body::ProxyBody;
 use crate::error::json_response;
+use crate::shared::Shared;
 
 pub use status::status_json;
 

@@ -5,7 +5,7 @@
 use http::StatusCode;
 use serde_json::json;
 
-use crate::app::Shared;
+use crate::shared::Shared;
 
 /// The status code and JSON body of `/readyz?verbose`.
 pub(super) fn verbose(shared: &Shared) -> (StatusCode, serde_json::Value) {

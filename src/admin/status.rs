@@ -11,7 +11,7 @@ use std::time::SystemTime;
 
 use serde_json::json;
 
-use crate::app::Shared;
+use crate::shared::Shared;
 
 /// The status document.
 pub fn status_json(shared: &Shared) -> serde_json::Value {
