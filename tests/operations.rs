@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use sitecore_auth_proxy::emulator::{Api, Emulator, TokenFault};
@@ -11,35 +10,6 @@ use support::tls::{temp_dir, write};
 use support::{eventually, json, Harness, Setup};
 
 const ADMIN: &str = "\n[admin]\nlisten = \"127.0.0.1:0\"\n";
-
-fn admin_url(h: &Harness, path: &str) -> String {
-    format!(
-        "http://{}{path}",
-        h.proxy.admin_addr().expect("admin listener")
-    )
-}
-
-async fn get(h: &Harness, path: &str) -> (u16, String) {
-    let response = h
-        .http
-        .get(admin_url(h, path))
-        .send()
-        .await
-        .expect("admin response");
-    let status = response.status().as_u16();
-    (status, response.text().await.expect("body"))
-}
-
-/// `name{labels} value` lines of the exposition text.
-fn samples(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (key, value) = l.rsplit_once(' ')?;
-            Some((key.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
 
 #[tokio::test]
 async fn readiness_goes_cold_to_ready_to_shutting_down() {
@@ -52,21 +22,21 @@ async fn readiness_goes_cold_to_ready_to_shutting_down() {
     let text = support::config_text(&setup, &emulator);
     let h = Harness::from_text(emulator, &text, setup.tuning).await;
 
-    assert_eq!(get(&h, "/healthz").await.0, 200);
-    let (status, body) = get(&h, "/readyz").await;
+    assert_eq!(h.admin_get("/healthz").await.0, 200);
+    let (status, body) = h.admin_get("/readyz").await;
     assert_eq!(status, 503, "cold: {body}");
     assert!(body.contains("automation"), "names the credential: {body}");
 
     let credential = h.proxy.credential("automation").expect("credential");
     assert!(eventually(Duration::from_secs(10), || credential.current().is_some()).await);
-    assert_eq!(get(&h, "/readyz").await.0, 200);
+    assert_eq!(h.admin_get("/readyz").await.0, 200);
 
     h.proxy.shutdown();
-    let (status, body) = get(&h, "/readyz").await;
+    let (status, body) = h.admin_get("/readyz").await;
     assert_eq!(status, 503, "draining: {body}");
     assert!(body.contains("shutting down"));
     assert_eq!(
-        get(&h, "/healthz").await.0,
+        h.admin_get("/healthz").await.0,
         200,
         "the admin listener keeps answering"
     );
@@ -88,9 +58,9 @@ async fn metrics_match_what_happened() {
     assert_eq!(r.status(), 404);
     r.bytes().await.expect("body");
 
-    let (status, text) = get(&h, "/metrics").await;
+    let (status, text) = h.admin_get("/metrics").await;
     assert_eq!(status, 200);
-    let m = samples(&text);
+    let m = support::samples(&text);
     assert_eq!(
         m.get(r#"proxy_requests_total{route="/deploy",client="-",status="200"}"#),
         Some(&5.0),
@@ -154,7 +124,7 @@ async fn status_page_shows_health_and_never_a_secret() {
         .trim_start_matches("Bearer ")
         .to_owned();
 
-    let (status, body) = get(&h, "/status").await;
+    let (status, body) = h.admin_get("/status").await;
     assert_eq!(status, 200);
     let doc: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(doc["credentials"][0]["name"], "automation");
@@ -164,7 +134,7 @@ async fn status_page_shows_health_and_never_a_secret() {
 
     let html = h
         .http
-        .get(admin_url(&h, "/status"))
+        .get(h.admin_url("/status"))
         .header("accept", "text/html")
         .send()
         .await
@@ -176,7 +146,7 @@ async fn status_page_shows_health_and_never_a_secret() {
     let html = html.text().await.expect("body");
     assert!(html.contains("automation") && html.contains("team-docs") && html.contains("/deploy"));
 
-    let (_, metrics) = get(&h, "/metrics").await;
+    let (_, metrics) = h.admin_get("/metrics").await;
     for page in [&body, &html, &metrics] {
         for needle in [secret, key, token.as_str()] {
             assert!(!page.contains(needle), "a secret leaked into an admin page");
@@ -291,7 +261,7 @@ async fn reload_adds_routes_keeps_tokens_and_refuses_bad_files() {
         "a refused reload costs no token"
     );
     let outcomes = h.proxy.shared().metrics.encode();
-    let m = samples(&outcomes);
+    let m = support::samples(&outcomes);
     assert_eq!(
         m.get(r#"config_reloads_total{outcome="success"}"#),
         Some(&2.0)
@@ -605,9 +575,9 @@ async fn connections_are_spread_over_the_workers() {
         "one upstream connection per worker that served"
     );
     let counts = h.proxy.open_connections();
-    let (status, text) = get(&h, "/metrics").await;
+    let (status, text) = h.admin_get("/metrics").await;
     assert_eq!(status, 200);
-    let m = samples(&text);
+    let m = support::samples(&text);
     for (worker, count) in counts.iter().enumerate() {
         assert_eq!(
             m.get(&format!(r#"proxy_open_connections{{worker="{worker}"}}"#)),
@@ -615,7 +585,7 @@ async fn connections_are_spread_over_the_workers() {
             "{text}"
         );
     }
-    let (status, page) = get(&h, "/status").await;
+    let (status, page) = h.admin_get("/status").await;
     assert_eq!(status, 200);
     let page: serde_json::Value = serde_json::from_str(&page).expect("status JSON");
     assert_eq!(

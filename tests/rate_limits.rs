@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -180,41 +179,12 @@ async fn until_unpaused(
     }
 }
 
-fn admin_url(h: &Harness, path: &str) -> String {
-    format!(
-        "http://{}{path}",
-        h.proxy.admin_addr().expect("admin listener")
-    )
-}
-
-async fn admin_get(h: &Harness, path: &str) -> (u16, String) {
-    let response = h
-        .http
-        .get(admin_url(h, path))
-        .send()
-        .await
-        .expect("admin response");
-    let status = response.status().as_u16();
-    (status, response.text().await.expect("body"))
-}
-
-/// `name{labels} value` lines of the exposition text.
-fn samples(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (key, value) = l.rsplit_once(' ')?;
-            Some((key.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
-
 fn rejected(route: &str, client: &str, reason: &str) -> String {
     format!(r#"proxy_rejected_total{{route="{route}",client="{client}",reason="{reason}"}}"#)
 }
 
 async fn status_json(h: &Harness) -> serde_json::Value {
-    let (status, body) = admin_get(h, "/status").await;
+    let (status, body) = h.admin_get("/status").await;
     assert_eq!(status, 200);
     serde_json::from_str(&body).expect("status JSON")
 }
@@ -397,8 +367,8 @@ async fn a_client_over_its_own_rate_does_not_spend_the_route_budget() {
     assert_eq!((status, code.as_deref()), (429, Some("rate_limited")));
     assert_eq!(h.emulator.upstream_requests(), 2);
 
-    let (_, text) = admin_get(&h, "/metrics").await;
-    let m = samples(&text);
+    let (_, text) = h.admin_get("/metrics").await;
+    let m = support::samples(&text);
     assert_eq!(
         m.get(&rejected("/shared", "team-a", "client_rate")),
         Some(&2.0),
@@ -565,10 +535,10 @@ async fn an_upstream_429_with_retry_after_pauses_the_route() {
     assert_eq!(h.get("/authoring").await.status(), 200);
     assert_eq!(h.emulator.upstream_requests(), 2);
 
-    let (status, text) = admin_get(&h, "/metrics").await;
+    let (status, text) = h.admin_get("/metrics").await;
     assert_eq!(status, 200);
     assert_eq!(
-        samples(&text).get(&rejected("/deploy", "-", "upstream_throttled")),
+        support::samples(&text).get(&rejected("/deploy", "-", "upstream_throttled")),
         Some(&3.0),
         "{text}"
     );
@@ -707,9 +677,9 @@ async fn refusals_are_counted_on_metrics_and_limits_show_on_status() {
         );
     }
 
-    let (status, text) = admin_get(&h, "/metrics").await;
+    let (status, text) = h.admin_get("/metrics").await;
     assert_eq!(status, 200);
-    let m = samples(&text);
+    let m = support::samples(&text);
     assert_eq!(
         m.get(&rejected("/deploy", "team-a", "client_rate")),
         Some(&3.0),

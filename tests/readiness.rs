@@ -86,33 +86,15 @@ async fn break_flaky(h: &Harness, flaky: &Emulator) {
     );
 }
 
-fn admin_url(h: &Harness, path: &str) -> String {
-    format!(
-        "http://{}{path}",
-        h.proxy.admin_addr().expect("admin listener")
-    )
-}
-
-async fn admin_get(h: &Harness, path: &str) -> (u16, String) {
-    let response = h
-        .http
-        .get(admin_url(h, path))
-        .send()
-        .await
-        .expect("admin response");
-    let status = response.status().as_u16();
-    (status, response.text().await.expect("body"))
-}
-
 async fn admin_json(h: &Harness, path: &str) -> (u16, serde_json::Value) {
-    let (status, body) = admin_get(h, path).await;
+    let (status, body) = h.admin_get(path).await;
     let value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
     (status, value)
 }
 
 /// `credential_up{credential="name"}` on `/metrics`.
 async fn credential_up(h: &Harness) -> HashMap<String, f64> {
-    let (status, text) = admin_get(h, "/metrics").await;
+    let (status, text) = h.admin_get("/metrics").await;
     assert_eq!(status, 200);
     text.lines()
         .filter_map(|l| {
@@ -144,7 +126,7 @@ fn verbose_entry<'a>(body: &'a serde_json::Value, name: &str) -> &'a serde_json:
 #[tokio::test]
 async fn a_credential_that_loses_its_token_degrades_only_its_routes() {
     let (h, flaky) = with_flaky("").await;
-    assert_eq!(admin_get(&h, "/readyz").await, (200, "ready\n".to_owned()));
+    assert_eq!(h.admin_get("/readyz").await, (200, "ready\n".to_owned()));
     assert_eq!(outcome(&h, "/flaky/x").await, (200, None));
     let up = credential_up(&h).await;
     assert_eq!(up.get("flaky"), Some(&1.0), "{up:?}");
@@ -152,7 +134,7 @@ async fn a_credential_that_loses_its_token_degrades_only_its_routes() {
     break_flaky(&h, &flaky).await;
 
     assert_eq!(
-        admin_get(&h, "/readyz").await,
+        h.admin_get("/readyz").await,
         (200, "ready\n".to_owned()),
         "it held a token since start: the replica stays ready"
     );
@@ -198,7 +180,7 @@ async fn a_credential_that_loses_its_token_degrades_only_its_routes() {
 #[tokio::test]
 async fn ready_requires_all_tokens_makes_readyz_503_when_a_credential_loses_its_token() {
     let (h, flaky) = with_flaky("ready_requires = \"all_tokens\"").await;
-    assert_eq!(admin_get(&h, "/readyz").await.0, 200);
+    assert_eq!(h.admin_get("/readyz").await.0, 200);
 
     break_flaky(&h, &flaky).await;
 
@@ -302,7 +284,7 @@ async fn a_header_credential_route_keeps_answering_while_the_oauth_credential_is
     let last = seen.last().expect("a request");
     assert!(last.token_valid, "the static value reached the upstream");
 
-    assert_eq!(admin_get(&h, "/readyz").await.0, 200);
+    assert_eq!(h.admin_get("/readyz").await.0, 200);
     let up = credential_up(&h).await;
     assert_eq!(up.get("automation"), Some(&0.0), "{up:?}");
     assert_ne!(

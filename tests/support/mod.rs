@@ -166,6 +166,26 @@ impl Harness {
         }
     }
 
+    /// `path` on the admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!(
+            "http://{}{path}",
+            self.proxy.admin_addr().expect("admin listener")
+        )
+    }
+
+    /// `GET path` on the admin listener: status and body.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let response = self
+            .http
+            .get(self.admin_url(path))
+            .send()
+            .await
+            .expect("admin response");
+        let status = response.status().as_u16();
+        (status, response.text().await.expect("body"))
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
@@ -212,4 +232,15 @@ pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `name{labels} value` lines of a Prometheus exposition text.
+pub fn samples(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            Some((key.to_owned(), value.parse().ok()?))
+        })
+        .collect()
 }
