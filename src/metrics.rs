@@ -130,6 +130,11 @@ pub struct Metrics {
     pub token_verification_failures: Family<VerificationLabels, Counter>,
     /// `config_reloads_total{outcome}`.
     pub config_reloads: Family<OutcomeLabels, Counter>,
+    /// `telemetry_spans_dropped_total`: finished spans dropped because the export queue was
+    /// full (a collector down or slower than the spans come).
+    pub telemetry_spans_dropped: Counter,
+    /// `telemetry_export_failures_total`: span batches the collector did not take.
+    pub telemetry_export_failures: Counter,
 }
 
 /// Histogram buckets for a proxy: 100 µs doubling to about 26 s.
@@ -261,6 +266,18 @@ impl Metrics {
         for outcome in ["success", "error"] {
             let _ = config_reloads.get_or_create(&OutcomeLabels { outcome });
         }
+        let telemetry_spans_dropped = Counter::default();
+        registry.register(
+            "telemetry_spans_dropped",
+            "Finished spans dropped because the export queue was full",
+            telemetry_spans_dropped.clone(),
+        );
+        let telemetry_export_failures = Counter::default();
+        registry.register(
+            "telemetry_export_failures",
+            "Span batches the OTLP collector did not take",
+            telemetry_export_failures.clone(),
+        );
         Metrics {
             registry,
             unrouted_requests: RouteRequests::new(requests.clone(), Arc::from("-")),
@@ -278,6 +295,8 @@ impl Metrics {
             token_forced_refreshes,
             token_verification_failures,
             config_reloads,
+            telemetry_spans_dropped,
+            telemetry_export_failures,
         }
     }
 
