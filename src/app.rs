@@ -19,6 +19,7 @@ use crate::metrics::{Metrics, OutcomeLabels};
 use crate::pipeline::ProxyHandler;
 use crate::runtime::{BuildError, Runtime};
 use crate::server::{self, ListenerSettings, Workers};
+use crate::telemetry::{Telemetry, TelemetryError};
 use crate::token::{OAuthCredential, Tuning};
 
 /// Why the proxy could not start.
@@ -30,6 +31,9 @@ pub enum StartError {
     /// The worker threads could not be started.
     #[error(transparent)]
     Spawn(#[from] server::SpawnError),
+    /// Tracing could not be set up.
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
     /// A listen address could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -74,6 +78,8 @@ pub struct Shared {
     pub shutting_down: AtomicBool,
     /// Process start.
     pub started_at: SystemTime,
+    /// The tracer, when `[telemetry]` was set at start.
+    pub telemetry: Option<Telemetry>,
     tuning: Tuning,
     workers: Workers,
     refreshers: Mutex<Vec<(Arc<Credential>, JoinHandle<()>)>>,
@@ -160,17 +166,23 @@ pub struct RunningProxy {
 }
 
 /// Builds the runtime, binds the listeners, starts one refresher per `oauth` credential (each
-/// fetches its first token at once) and starts serving.
+/// fetches its first token at once) and starts serving; with `[telemetry]`, starts tracing
+/// first, so the first token fetches are traced too.
 pub async fn start(config: Config, options: Options) -> Result<RunningProxy, StartError> {
     crate::install_crypto_providers();
     let metrics = Arc::new(Metrics::new());
     let config = Arc::new(config);
+    let telemetry = match &config.telemetry {
+        Some(settings) => Some(Telemetry::start(settings, &config.server, &metrics)?),
+        None => None,
+    };
     let runtime = Runtime::build(
         Arc::clone(&config),
         &options.tuning,
         &metrics,
         None,
         options.workers.pools(),
+        telemetry.as_ref(),
     )?;
     let listener = bind(config.server.listen).await?;
     let addr = local_addr(&listener, config.server.listen)?;
@@ -188,6 +200,7 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Sta
         open_connections: Arc::clone(&open_connections),
         shutting_down: AtomicBool::new(false),
         started_at: SystemTime::now(),
+        telemetry,
         tuning: options.tuning,
         workers: options.workers,
         refreshers: Mutex::new(Vec::new()),
@@ -305,6 +318,7 @@ impl RunningProxy {
             &self.shared.metrics,
             Some(&current),
             self.shared.workers.pools(),
+            self.shared.telemetry.as_ref(),
         );
         let runtime = match result {
             Ok(r) => r,
@@ -319,6 +333,9 @@ impl RunningProxy {
             || ListenerSettings::from(&old.server) != ListenerSettings::from(&new.server)
         {
             tracing::warn!("listen addresses and listener limits change only on restart");
+        }
+        if old.telemetry != new.telemetry {
+            tracing::warn!("[telemetry] changes only on restart");
         }
         let runtime = Arc::new(runtime);
         self.shared.runtime.store(Arc::clone(&runtime));
@@ -359,7 +376,8 @@ impl RunningProxy {
     }
 
     /// Waits until the listener has drained (after [`RunningProxy::shutdown`]), then stops the
-    /// refreshers and the admin listener.
+    /// refreshers and the admin listener, and exports the last spans (waiting at most
+    /// [`FLUSH_TIMEOUT`](crate::telemetry::FLUSH_TIMEOUT), or `shutdown_grace` if shorter).
     pub async fn wait(mut self) {
         let _ = (&mut self.server).await;
         self.refresher_stop.send_replace(true);
@@ -367,6 +385,12 @@ impl RunningProxy {
         self.admin_stop.send_replace(true);
         if let Some(admin) = self.admin.take() {
             let _ = admin.await;
+        }
+        if let Some(telemetry) = &self.shared.telemetry {
+            let grace = self.shared.runtime.load().config.server.shutdown_grace;
+            telemetry
+                .shutdown(crate::telemetry::FLUSH_TIMEOUT.min(grace))
+                .await;
         }
     }
 }
@@ -381,6 +405,9 @@ impl Drop for RunningProxy {
         self.server.abort();
         if let Some(admin) = &self.admin {
             admin.abort();
+        }
+        if let Some(telemetry) = &self.shared.telemetry {
+            telemetry.shutdown_in_background();
         }
     }
 }
