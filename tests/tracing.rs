@@ -20,7 +20,10 @@ use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
+use sitecore_auth_proxy::app::{self, Options};
 use sitecore_auth_proxy::emulator::{TokenFault, DEFAULT_CLIENT_SECRET};
+use sitecore_auth_proxy::logging::{self, Format, MemoryWriter};
+use sitecore_auth_proxy::server::Workers;
 use support::{json, Harness, Setup};
 use tokio::net::TcpListener;
 
@@ -335,6 +338,52 @@ async fn without_a_traceparent_a_new_trace_starts_and_goes_upstream() {
             "{secret:?} appears in a span: {texts:#?}"
         );
     }
+}
+
+#[tokio::test]
+async fn the_access_line_carries_the_trace_id() {
+    let (addr, _received) = collector().await;
+    // Served inline, under a subscriber installed for this test's scope, so its access lines
+    // are captured here.
+    let capture = MemoryWriter::default();
+    let scope = tracing::dispatcher::set_default(&logging::subscriber(
+        Format::Json,
+        "info",
+        capture.clone(),
+        false,
+    ));
+    let setup = setup(&format!("http://{addr}"), "", "");
+    let emulator = setup.emulator.clone().start().await.expect("emulator");
+    let text = support::config_text(&setup, &emulator);
+    let options = Options {
+        workers: Workers::Inline,
+        tuning: setup.tuning,
+    };
+    let proxy = app::start(support::parse(&text), options)
+        .await
+        .expect("proxy starts");
+    let harness = Harness {
+        base: format!("http://{}", proxy.local_addr()),
+        emulator,
+        proxy,
+        http: support::client(),
+    };
+    harness.wait_ready().await;
+    let response = get(&harness, Some(&format!("00-{TRACE_ID}-{PARENT_ID}-01"))).await;
+    assert_eq!(response.status(), 200);
+    let response = get(&harness, None).await;
+    let (new_trace, _, _) = upstream_traceparent(&json(response).await);
+    flush(harness).await;
+    drop(scope);
+
+    let logs = capture.take();
+    let trace_ids: Vec<String> = logs
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["target"] == "access")
+        .map(|line| line["trace_id"].as_str().unwrap_or("none").to_owned())
+        .collect();
+    assert_eq!(trace_ids, [TRACE_ID.to_owned(), new_trace], "{logs}");
 }
 
 #[tokio::test]

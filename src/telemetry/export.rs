@@ -10,7 +10,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -26,7 +26,9 @@ use prometheus_client::metrics::counter::Counter;
 pub(super) struct ExportClient {
     // Declared before the runtime so that its pooled connections go first.
     http: reqwest::Client,
-    runtime: tokio::runtime::Runtime,
+    /// Made by the first export, on the export thread: a runtime may not be dropped inside
+    /// another one, which an exporter dropped during set-up (on the proxy's runtime) would do.
+    runtime: OnceLock<tokio::runtime::Runtime>,
 }
 
 impl fmt::Debug for ExportClient {
@@ -36,11 +38,21 @@ impl fmt::Debug for ExportClient {
 }
 
 impl ExportClient {
-    pub(super) fn new(http: reqwest::Client) -> std::io::Result<ExportClient> {
+    pub(super) fn new(http: reqwest::Client) -> ExportClient {
+        ExportClient {
+            http,
+            runtime: OnceLock::new(),
+        }
+    }
+
+    fn runtime(&self) -> std::io::Result<&tokio::runtime::Runtime> {
+        if let Some(runtime) = self.runtime.get() {
+            return Ok(runtime);
+        }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        Ok(ExportClient { http, runtime })
+        Ok(self.runtime.get_or_init(|| runtime))
     }
 }
 
@@ -50,7 +62,7 @@ impl HttpClient for ExportClient {
         // Blocking inside a future: this one is only ever polled by the batch processor's
         // thread, which exists to wait for exports (see the module doc). The `reqwest` client's
         // own timeout bounds the whole exchange.
-        self.runtime.block_on(self.http.send_bytes(request))
+        self.runtime()?.block_on(self.http.send_bytes(request))
     }
 }
 

@@ -101,8 +101,7 @@ impl Telemetry {
             .user_agent(concat!("sitecore-auth-proxy/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| TelemetryError(format!("HTTP client: {e}")))?;
-        let client = export::ExportClient::new(http)
-            .map_err(|e| TelemetryError(format!("export runtime: {e}")))?;
+        let client = export::ExportClient::new(http);
         let otlp = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_http_client(client)
