@@ -65,6 +65,7 @@ fn bench_access_line(c: &mut Criterion) {
         bytes: 38,
         complete: true,
         error: None,
+        trace_id: None,
     };
     let mut group = c.benchmark_group("access_line");
     for (name, format) in [("text", Format::Text), ("json", Format::Json)] {

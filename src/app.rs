@@ -19,6 +19,7 @@ use crate::pipeline::ProxyHandler;
 use crate::runtime::{BuildError, Runtime};
 use crate::server::{self, ListenerSettings, Workers};
 use crate::shared::Shared;
+use crate::telemetry::{Telemetry, TelemetryError};
 use crate::token::{OAuthCredential, Tuning};
 
 /// Why the proxy could not start.
@@ -30,6 +31,9 @@ pub enum StartError {
     /// The worker threads could not be started.
     #[error(transparent)]
     Spawn(#[from] server::SpawnError),
+    /// Tracing could not be set up.
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
     /// A listen address could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -112,6 +116,8 @@ pub struct RunningProxy {
     tuning: Tuning,
     workers: Workers,
     refreshers: Refreshers,
+    /// The tracer, when `[telemetry]` was set at start (it changes only on restart).
+    telemetry: Option<Telemetry>,
     /// Reloads run one at a time.
     reload_lock: tokio::sync::Mutex<()>,
     shutdown: watch::Sender<bool>,
@@ -124,17 +130,23 @@ pub struct RunningProxy {
 }
 
 /// Builds the runtime, binds the listeners, starts one refresher per `oauth` credential (each
-/// fetches its first token at once) and starts serving.
+/// fetches its first token at once) and starts serving; with `[telemetry]`, starts tracing
+/// first, so the first token fetches are traced too.
 pub async fn start(config: Config, options: Options) -> Result<RunningProxy, StartError> {
     crate::install_crypto_providers();
     let metrics = Arc::new(Metrics::new());
     let config = Arc::new(config);
+    let telemetry = match &config.telemetry {
+        Some(settings) => Some(Telemetry::start(settings, &config.server, &metrics)?),
+        None => None,
+    };
     let runtime = Runtime::build(
         Arc::clone(&config),
         &options.tuning,
         &metrics,
         None,
         options.workers.pools(),
+        telemetry.as_ref(),
     )?;
     let listener = bind(config.server.listen).await?;
     let addr = local_addr(&listener, config.server.listen)?;
@@ -197,6 +209,7 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Sta
         tuning: options.tuning,
         workers: options.workers,
         refreshers,
+        telemetry,
         reload_lock: tokio::sync::Mutex::new(()),
         shutdown,
         cut,
@@ -273,6 +286,7 @@ impl RunningProxy {
             &self.shared.metrics,
             Some(&current),
             self.workers.pools(),
+            self.telemetry.as_ref(),
         );
         let runtime = match result {
             Ok(r) => r,
@@ -287,6 +301,9 @@ impl RunningProxy {
             || ListenerSettings::from(&old.server) != ListenerSettings::from(&new.server)
         {
             tracing::warn!("listen addresses and listener limits change only on restart");
+        }
+        if old.telemetry != new.telemetry {
+            tracing::warn!("[telemetry] changes only on restart");
         }
         let runtime = Arc::new(runtime);
         self.shared.runtime.store(Arc::clone(&runtime));
@@ -327,7 +344,8 @@ impl RunningProxy {
     }
 
     /// Waits until the listener has drained (after [`RunningProxy::shutdown`]), then stops the
-    /// refreshers and the admin listener.
+    /// refreshers and the admin listener, and exports the last spans (waiting at most
+    /// [`FLUSH_TIMEOUT`](crate::telemetry::FLUSH_TIMEOUT), or `shutdown_grace` if shorter).
     pub async fn wait(mut self) {
         let _ = (&mut self.server).await;
         self.refresher_stop.send_replace(true);
@@ -335,6 +353,12 @@ impl RunningProxy {
         self.admin_stop.send_replace(true);
         if let Some(admin) = self.admin.take() {
             let _ = admin.await;
+        }
+        if let Some(telemetry) = &self.telemetry {
+            let grace = self.shared.runtime.load().config.server.shutdown_grace;
+            telemetry
+                .shutdown(crate::telemetry::FLUSH_TIMEOUT.min(grace))
+                .await;
         }
     }
 }
@@ -349,6 +373,9 @@ impl Drop for RunningProxy {
         self.server.abort();
         if let Some(admin) = &self.admin {
             admin.abort();
+        }
+        if let Some(telemetry) = &self.telemetry {
+            telemetry.shutdown_in_background();
         }
     }
 }

@@ -6,8 +6,9 @@
 //! handler), `credential` (the kinds of credential behind one type), `routes`, `upstream`
 //! (connection pools, targets, trust roots, header hygiene), `egress` (the HTTP proxy on the way
 //! out), `token` (OAuth cache, fetch, verify), `limits` (rate limits, in-flight caps, upstream
-//! pauses), `server` (listener, workers, connections, drain; generic over the handler), `error`
-//! (JSON errors), `emulator` (the built-in Sitecore emulator).
+//! pauses), `server` (listener, workers, connections, drain; generic over the handler),
+//! `telemetry` (OpenTelemetry traces), `error` (JSON errors), `emulator` (the built-in Sitecore
+//! emulator).
 
 pub mod admin;
 pub mod app;
@@ -31,6 +32,7 @@ pub mod runtime;
 pub mod secret;
 pub mod server;
 pub mod shared;
+pub mod telemetry;
 pub mod tls;
 pub mod token;
 pub mod upstream;

@@ -14,6 +14,7 @@ use crate::inbound::Clients;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::routes::{Route, RouteTable};
+use crate::telemetry::Telemetry;
 use crate::token::Tuning;
 use crate::upstream::{self, UpstreamPool};
 
@@ -45,6 +46,8 @@ pub struct Runtime {
     /// Rate, in-flight and upstream-pause state of every client and route; a reload keeps the
     /// state of those whose limits did not change.
     pub limits: Limits,
+    /// The process's tracer, when `[telemetry]` was set at start.
+    pub telemetry: Option<Telemetry>,
 }
 
 /// Why a runtime could not be built from a valid configuration (TLS roots, header values).
@@ -55,13 +58,14 @@ pub struct BuildError(pub String);
 impl Runtime {
     /// Builds the runtime with `pools` upstream connection pools (one per worker thread).
     /// `previous` lends its credentials (and their cached tokens) to credentials whose settings
-    /// did not change.
+    /// did not change. `telemetry` is the process's tracer (made once, at start).
     pub fn build(
         config: Arc<Config>,
         tuning: &Tuning,
         metrics: &Arc<Metrics>,
         previous: Option<&Runtime>,
         pools: usize,
+        telemetry: Option<&Telemetry>,
     ) -> Result<Runtime, BuildError> {
         let server = &config.server;
         let tls = upstream::tls_client_config(&server.upstream_ca)
@@ -94,6 +98,7 @@ impl Runtime {
             tuning,
             metrics,
             jwks: BTreeMap::new(),
+            telemetry,
         };
         let mut credentials = HashMap::new();
         for name in config.used_credentials() {
@@ -138,6 +143,7 @@ impl Runtime {
             metrics: Arc::clone(metrics),
             limits,
             config,
+            telemetry: telemetry.cloned(),
         })
     }
 

@@ -8,8 +8,8 @@
 //!
 //! Layout: `raw` holds the serde shapes of the file, `env` the `${NAME}` substitution, `values`
 //! the parsers for single values (durations, sizes, URLs, prefixes), `files` the PEM and secret
-//! files, `limits` the rate, burst and concurrency keys, and `server`, `credentials` and `routes`
-//! turn each section into its runtime type.
+//! files, `limits` the rate, burst and concurrency keys, and `server`, `credentials`, `routes`
+//! and `telemetry` turn each section into its runtime type.
 
 mod context;
 mod credentials;
@@ -20,6 +20,7 @@ mod limits;
 mod raw;
 mod routes;
 mod server;
+mod telemetry;
 mod values;
 
 #[cfg(test)]
@@ -28,6 +29,8 @@ mod tests;
 mod tests_files;
 #[cfg(test)]
 mod tests_limits;
+#[cfg(test)]
+mod tests_telemetry;
 #[cfg(test)]
 mod tests_values;
 
@@ -66,6 +69,20 @@ pub struct Config {
     pub routes: Vec<RouteSettings>,
     /// The `[[clients]]`, in file order; empty means no inbound key is required.
     pub clients: Vec<ClientSettings>,
+    /// The `[telemetry]` section; `None` means no tracing.
+    pub telemetry: Option<TelemetrySettings>,
+}
+
+/// Where OpenTelemetry traces go (`[telemetry]` with an `otlp_endpoint`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetrySettings {
+    /// `<otlp_endpoint>/v1/traces`: the OTLP/HTTP URL spans are posted to.
+    pub traces_url: reqwest::Url,
+    /// The `service.name` of every span (default `sitecore-auth-proxy`).
+    pub service_name: String,
+    /// The share of new traces kept, 0.0 to 1.0 (default 1.0); a sampled incoming
+    /// `traceparent` is always followed.
+    pub sample_ratio: f64,
 }
 
 /// The main listener (`[server]`).
@@ -355,7 +372,14 @@ impl Config {
 }
 
 /// The top-level keys of the file.
-const SECTIONS: [&str; 5] = ["server", "admin", "credentials", "routes", "clients"];
+const SECTIONS: [&str; 6] = [
+    "server",
+    "admin",
+    "credentials",
+    "routes",
+    "clients",
+    "telemetry",
+];
 
 fn build(
     text: &str,
@@ -376,8 +400,8 @@ fn build(
         if !SECTIONS.contains(&key.as_str()) {
             problems.push(
                 key_join("", key),
-                "unknown section; the file has [server], [admin], [credentials.NAME], [[routes]] \
-                 and [[clients]]",
+                "unknown section; the file has [server], [admin], [credentials.NAME], [[routes]], \
+                 [[clients]] and [telemetry]",
             );
         }
     }
@@ -403,6 +427,7 @@ fn build(
     let credential_names: Vec<&str> = credential_items.iter().map(|(n, _)| n.as_str()).collect();
     let routes = routes::routes(&routes, &credential_names, &mut cx);
     let clients = routes::clients(&clients, &routes.prefixes, &mut cx);
+    let telemetry = telemetry::telemetry(root.get("telemetry"), &mut cx);
 
     Some(Config {
         path: path.to_path_buf(),
@@ -411,6 +436,7 @@ fn build(
         credentials,
         routes: routes.settings,
         clients,
+        telemetry,
     })
 }
 

@@ -43,6 +43,15 @@ pub(super) struct RawAdmin {
     pub ready_requires: Option<ReadyRequires>,
 }
 
+/// `[telemetry]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTelemetry {
+    pub otlp_endpoint: Option<String>,
+    pub service_name: Option<String>,
+    pub sample_ratio: Option<f64>,
+}
+
 /// `[credentials.NAME]` with `type = "oauth"` (the `type` key is taken out before this).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

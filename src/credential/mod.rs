@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use crate::config::CredentialSettings;
 use crate::error::TokenUnavailable;
 use crate::metrics::Metrics;
+use crate::telemetry::Telemetry;
 use crate::token::verify::Jwks;
 use crate::token::{OAuthCredential, Token, Tuning};
 
@@ -71,6 +72,8 @@ pub struct Resources<'a> {
     pub metrics: &'a Arc<Metrics>,
     /// JWKS caches by URL, shared by the credentials that use the same one.
     pub jwks: BTreeMap<String, Arc<Jwks>>,
+    /// The tracer, for the refreshers' spans.
+    pub telemetry: Option<&'a Telemetry>,
 }
 
 /// The task that keeps a credential usable (the token refresher), when its kind has one.
@@ -105,6 +108,7 @@ impl Credential {
                     jwks,
                     resources.tuning.clone(),
                     Arc::clone(resources.metrics),
+                    resources.telemetry.cloned(),
                 )))
             }
             CredentialSettings::Header(h) => Kind::Header(StaticHeader::new(name, h)?),

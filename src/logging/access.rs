@@ -10,7 +10,8 @@
 //! The fields, always in this order: `request_id`, `client`, `method`, `path`, `route`,
 //! `credential` (strings; `client`, `route` and `credential` are `-` when there is none),
 //! `status`, `upstream_status` (0 without an upstream response), `duration_us`, `bytes`
-//! (integers), `complete` (boolean), then `error` (string) only when something cut the response.
+//! (integers), `complete` (boolean), then `error` (string) only when something cut the response,
+//! and `trace_id` (string) only when the request is traced (`[telemetry]`).
 //!
 //! Text, one line:
 //!
@@ -83,6 +84,8 @@ pub struct AccessLine<'a> {
     pub complete: bool,
     /// The error code (README, "How a request is handled") of what cut the response, if anything did.
     pub error: Option<&'a str>,
+    /// The request's W3C trace id (32 hex digits) when `[telemetry]` is on, sampled or not.
+    pub trace_id: Option<&'a str>,
 }
 
 /// Writes the access line of one request (see the module doc for its format), through the

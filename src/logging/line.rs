@@ -61,6 +61,10 @@ fn fields(
         key(out, "error");
         string(out, error);
     }
+    if let Some(trace_id) = line.trace_id {
+        key(out, "trace_id");
+        string(out, trace_id);
+    }
 }
 
 /// Appends `line` in the text format, newline included.

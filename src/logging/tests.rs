@@ -23,6 +23,7 @@ fn access<'a>(method: &'a http::Method, client: &'a str, path: &'a str) -> Acces
         bytes: 123,
         complete: true,
         error: None,
+        trace_id: None,
     }
 }
 
@@ -34,6 +35,14 @@ fn cut<'a>(method: &'a http::Method) -> AccessLine<'a> {
         complete: false,
         error: Some("upstream_timeout"),
         ..access(method, "ci", "/deploy/api/projects/v1")
+    }
+}
+
+/// The cut request again, traced (`[telemetry]`).
+fn traced<'a>(method: &'a http::Method) -> AccessLine<'a> {
+    AccessLine {
+        trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736"),
+        ..cut(method)
     }
 }
 
@@ -100,6 +109,13 @@ fn the_text_line_is_the_documented_one() {
          status=200 upstream_status=200 duration_us=18446744073709551615 bytes=1000 complete=false \
          error=upstream_timeout\n"
     );
+    assert_eq!(
+        spell(Format::Text, &traced(&get)),
+        "2026-12-04T15:36:51.123456Z  INFO access: request_id=5f0c6b2e9d8a4c1b8e7f6a5b4c3d2e1f \
+         client=ci method=GET path=/deploy/api/projects/v1 route=/deploy credential=automation \
+         status=200 upstream_status=200 duration_us=18446744073709551615 bytes=1000 complete=false \
+         error=upstream_timeout trace_id=4bf92f3577b34da6a3ce929d0e0e4736\n"
+    );
 }
 
 #[test]
@@ -113,12 +129,15 @@ fn the_json_line_is_the_documented_one() {
          \"status\":200,\"upstream_status\":200,\"duration_us\":18446744073709551615,\"bytes\":1000,\
          \"complete\":false,\"error\":\"upstream_timeout\"}\n"
     );
+    assert!(spell(Format::Json, &traced(&get)).ends_with(
+        ",\"error\":\"upstream_timeout\",\"trace_id\":\"4bf92f3577b34da6a3ce929d0e0e4736\"}\n"
+    ));
 }
 
 #[test]
 fn every_json_field_has_its_natural_type() {
     let get = http::Method::GET;
-    for line in [access(&get, "-", "/deploy/x"), cut(&get)] {
+    for line in [access(&get, "-", "/deploy/x"), cut(&get), traced(&get)] {
         let json = spell(Format::Json, &line);
         assert_eq!(json.matches('\n').count(), 1, "{json}");
         let parsed: serde_json::Value = serde_json::from_str(&json).expect("one JSON object");
@@ -141,14 +160,22 @@ fn every_json_field_has_its_natural_type() {
         assert_eq!(parsed["bytes"].as_u64(), Some(line.bytes));
         assert_eq!(parsed["complete"].as_bool(), Some(line.complete));
         assert_eq!(parsed.get("error").and_then(|e| e.as_str()), line.error);
-        let expected = 3 + ALL_FIELDS.len() + usize::from(line.error.is_some());
+        assert_eq!(
+            parsed.get("trace_id").and_then(|e| e.as_str()),
+            line.trace_id
+        );
+        let expected = 3
+            + ALL_FIELDS.len()
+            + usize::from(line.error.is_some())
+            + usize::from(line.trace_id.is_some());
         assert_eq!(object.len(), expected, "no other field: {json}");
         // The documented order, in the raw line.
         let at = |key: &str| json.find(&format!("\"{key}\":")).expect(key);
         let order = ["timestamp", "level", "target"]
             .into_iter()
             .chain(ALL_FIELDS)
-            .chain(line.error.map(|_| "error"));
+            .chain(line.error.map(|_| "error"))
+            .chain(line.trace_id.map(|_| "trace_id"));
         let positions: Vec<usize> = order.map(at).collect();
         assert!(positions.is_sorted(), "{json}");
     }

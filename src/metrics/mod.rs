@@ -143,6 +143,11 @@ pub struct Metrics {
     pub route_histories: Histories,
     /// Each client's last 15 minutes (requests, errors), by name (`-` without clients).
     pub client_histories: Arc<Histories>,
+    /// `telemetry_spans_dropped_total`: finished spans dropped because the export queue was
+    /// full (a collector down or slower than the spans come).
+    pub telemetry_spans_dropped: Counter,
+    /// `telemetry_export_failures_total`: span batches the collector did not take.
+    pub telemetry_export_failures: Counter,
 }
 
 /// Histogram buckets for a proxy: 100 µs doubling to about 26 s.
@@ -275,6 +280,18 @@ impl Metrics {
             let _ = config_reloads.get_or_create(&OutcomeLabels { outcome });
         }
         let client_histories = Arc::new(Histories::new(false));
+        let telemetry_spans_dropped = Counter::default();
+        registry.register(
+            "telemetry_spans_dropped",
+            "Finished spans dropped because the export queue was full",
+            telemetry_spans_dropped.clone(),
+        );
+        let telemetry_export_failures = Counter::default();
+        registry.register(
+            "telemetry_export_failures",
+            "Span batches the OTLP collector did not take",
+            telemetry_export_failures.clone(),
+        );
         Metrics {
             registry,
             unrouted_requests: RouteRequests::new(
@@ -298,6 +315,8 @@ impl Metrics {
             config_reloads,
             route_histories: Histories::new(true),
             client_histories,
+            telemetry_spans_dropped,
+            telemetry_export_failures,
         }
     }
 

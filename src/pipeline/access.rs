@@ -19,6 +19,7 @@ use crate::metrics::{Metrics, RouteLabels, UpstreamErrorLabels};
 use crate::routes::Route;
 use crate::runtime::Runtime;
 use crate::server::ConnActivity;
+use crate::telemetry::{Ending, RequestTrace};
 
 static NO_LABEL: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("-"));
 
@@ -33,6 +34,8 @@ pub(super) struct Outcome {
     pub(super) upstream_status: Option<u16>,
     /// The request's in-flight slots, freed when the record is (the response body's end).
     pub(super) slots: Option<Slots>,
+    /// The request's spans, ended with the record (empty without `[telemetry]`).
+    pub(super) trace: RequestTrace,
 }
 
 /// Everything the access line and the metrics need, carried by the response body until it ends.
@@ -149,6 +152,15 @@ impl Drop for AccessRecord {
             duration_us: elapsed.as_micros() as u64,
             bytes: self.bytes,
             complete: self.complete,
+            error: self.cut,
+            trace_id: self.outcome.trace.trace_id(),
+        });
+        self.outcome.trace.end(&Ending {
+            status: self.status,
+            route: route.map(|r| r.prefix.as_str()),
+            client: self.outcome.client.as_ref().map(|c| &*c.name),
+            credential: route.map(|r| r.credential.as_str()),
+            upstream_status: self.outcome.upstream_status,
             error: self.cut,
         });
     }

@@ -16,6 +16,11 @@
 //! 11. the access record ([`access`]): log line and metrics when the response body ends; it
 //!     holds the in-flight slots until then.
 //!
+//! With `[telemetry]`, the request's span ([`RequestTrace`]) begins with the record and ends
+//! with it; the credential phase opens a child span while it waits on a cold cache, and each
+//! upstream call (the first and a replay) is a child span whose `traceparent` goes upstream.
+//! Without it, each of those calls is one `None` check.
+//!
 //! Errors become JSON in one place ([`ProxyError::into_response`]); the full error chain is
 //! logged once, here.
 //!
@@ -48,6 +53,7 @@ use crate::body::ProxyBody;
 use crate::error::{ErrorChain, ProxyError};
 use crate::runtime::Runtime;
 use crate::server::ConnInfo;
+use crate::telemetry::RequestTrace;
 pub use access::TrackedBody;
 use access::{AccessRecord, Outcome};
 pub use handler::{ConnectionService, ProxyHandler};
@@ -75,6 +81,14 @@ pub fn process_request(
         // into (HTTP/2), which the record would otherwise keep until the response ends.
         req.uri().path().into(),
     );
+    record.outcome.trace = RequestTrace::begin(
+        runtime.telemetry.as_ref(),
+        &record.request_id,
+        &record.method,
+        &record.path,
+        req.headers(),
+        conn.tls,
+    );
     // Not an `async fn`: that would store its arguments twice in the future (the state they are
     // moved into, and the locals its body works on), and the future is allocated and copied
     // per request. So the record above is made when hyper calls the service, just before the
@@ -82,7 +96,7 @@ pub fn process_request(
     async move {
         let mut response = match proxy(&runtime, req, conn, &mut record.outcome).await {
             Ok(response) => response,
-            Err(error) => fail_to_proxy(&record, error),
+            Err(error) => fail_to_proxy(&mut record, error),
         };
         response
             .headers_mut()
@@ -114,8 +128,9 @@ fn proxy<'a>(
         let admission = limit::limit(rt, &route, outcome.client.as_deref())?;
         let (rate_fields, slots) = admission.map(|a| (a.headers, a.slots)).unzip();
         outcome.slots = slots;
-        let (credential, injection) = credential::credential(rt, &route).await?;
-        let prepared = upstream_request::upstream_request(
+        let (credential, injection) =
+            credential::credential(rt, &route, &mut outcome.trace).await?;
+        let mut prepared = upstream_request::upstream_request(
             rt,
             &route,
             &injection,
@@ -125,19 +140,33 @@ fn proxy<'a>(
         )
         .await?;
         let upload = prepared.upload.as_deref();
+        // Into the prepared request's own headers: a local of its own would be kept across the
+        // await, in every request's future.
+        outcome
+            .trace
+            .upstream(&route.target, prepared.request.headers_mut());
         let answer = forward::forward(rt, &route, prepared.request, upload).await?;
         limit::observe_upstream(&route, &answer.0);
         outcome.upstream_status = Some(answer.0.status().as_u16());
-        let answer =
-            replay::upstream_401(rt, &route, &credential, &injection, prepared.replay, answer)
-                .await?;
+        outcome.trace.upstream_answered(answer.0.status().as_u16());
+        let answer = replay::upstream_401(
+            rt,
+            &route,
+            &credential,
+            &injection,
+            prepared.replay,
+            answer,
+            &mut outcome.trace,
+        )
+        .await?;
         outcome.upstream_status = Some(answer.0.status().as_u16());
         Ok(response::response_filter(rt, &route, answer, rate_fields))
     }
 }
 
-/// The error's JSON response, counted and logged once with its whole chain.
-fn fail_to_proxy(record: &AccessRecord, error: ProxyError) -> Response<ProxyBody> {
+/// The error's JSON response, counted, traced and logged once with its whole chain.
+fn fail_to_proxy(record: &mut AccessRecord, error: ProxyError) -> Response<ProxyBody> {
+    record.outcome.trace.failed(error.code());
     let kind = match &error {
         ProxyError::UpstreamUnreachable(_) | ProxyError::EgressUnreachable(_) => {
             Some("unreachable")

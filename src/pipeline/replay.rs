@@ -13,6 +13,7 @@ use crate::credential::{Credential, Injection};
 use crate::error::ProxyError;
 use crate::routes::Route;
 use crate::runtime::Runtime;
+use crate::telemetry::RequestTrace;
 
 /// The answer to give the client: `answer` itself, or the replay's.
 // Not an `async fn`, for the reason given in `forward`.
@@ -24,13 +25,17 @@ pub(super) fn upstream_401<'a>(
     used: &'a Injection,
     replay: Option<Replay>,
     answer: Answer,
+    trace: &'a mut RequestTrace,
 ) -> impl Future<Output = Result<Answer, ProxyError>> + 'a {
     async move {
         if answer.0.status() != StatusCode::UNAUTHORIZED {
             return Ok(answer);
         }
         // Rare, and boxed so that every request's future does not carry the replay's state.
-        Box::pin(after_401(rt, route, credential, used, replay, answer)).await
+        Box::pin(after_401(
+            rt, route, credential, used, replay, answer, trace,
+        ))
+        .await
     }
 }
 
@@ -41,6 +46,7 @@ async fn after_401(
     used: &Injection,
     replay: Option<Replay>,
     answer: Answer,
+    trace: &mut RequestTrace,
 ) -> Result<Answer, ProxyError> {
     // Not replayable, the token is dropped all the same: the next request gets a fresh one.
     let Some(fresh) = credential.after_unauthorized(used, replay.is_some()).await else {
@@ -52,5 +58,9 @@ async fn after_401(
     // The refused response and its connection go before the replay takes another.
     drop(answer);
     rt.metrics.replays.inc();
-    forward(rt, route, replay.into_request(&fresh), None).await
+    let mut request = replay.into_request(&fresh);
+    trace.upstream(&route.target, request.headers_mut());
+    let answer = forward(rt, route, request, None).await?;
+    trace.upstream_answered(answer.0.status().as_u16());
+    Ok(answer)
 }

@@ -37,6 +37,7 @@ use tokio::sync::{watch, Notify};
 use crate::config::OAuthSettings;
 use crate::error::{ErrorChain, TokenUnavailable};
 use crate::metrics::{CredentialLabels, Metrics, TokenLabels, VerificationLabels};
+use crate::telemetry::Telemetry;
 use prometheus_client::metrics::counter::Counter;
 use verify::{Expectations, Jwks, VerifyError};
 
@@ -195,6 +196,8 @@ pub struct OAuthCredential {
     cold_waits: Counter,
     forced_refreshes: Counter,
     metrics: Arc<Metrics>,
+    /// Each attempt is a root span when tracing is on.
+    telemetry: Option<Telemetry>,
 }
 
 impl OAuthCredential {
@@ -205,6 +208,7 @@ impl OAuthCredential {
         jwks: Arc<Jwks>,
         tuning: Tuning,
         metrics: Arc<Metrics>,
+        telemetry: Option<Telemetry>,
     ) -> OAuthCredential {
         let expect = Expectations {
             issuer: settings.issuer.clone(),
@@ -237,6 +241,7 @@ impl OAuthCredential {
             cold_waits,
             forced_refreshes,
             metrics,
+            telemetry,
         }
     }
 
@@ -421,13 +426,25 @@ impl OAuthCredential {
                     _ = shutdown.changed() => continue,
                 }
             }
-            self.attempt().await;
+            let trigger = match (forced, self.current()) {
+                (true, _) => "forced",
+                (false, Some(_)) => "refresh",
+                (false, None) => "cold",
+            };
+            self.attempt(trigger).await;
         }
     }
 
-    /// One fetch-and-verify, with its bookkeeping.
-    async fn attempt(&self) {
+    /// One fetch-and-verify, with its bookkeeping; `trigger` names why it runs, for its span.
+    async fn attempt(&self, trigger: &'static str) {
+        let span = self
+            .telemetry
+            .as_ref()
+            .map(|t| t.token_fetch(&self.name, trigger, &self.settings.token_url));
         let result = self.obtain().await;
+        if let Some(span) = span {
+            span.end(result.as_ref().map_or_else(TokenError::outcome, |_| "ok"));
+        }
         let mut status = CredentialStatus::clone(&self.status.load());
         status.attempts += 1;
         match result {
