@@ -5,8 +5,8 @@
     perf script -i perf.data -F comm,tid,ip,sym | python3 benches/load/perf_breakdown.py
 
 Every sample is put in the first bucket (in the order below) whose pattern matches any frame
-of its stack, so the shares add up to 100%. The buckets are the phases a reader of proxy.rs
-knows; "kernel: ..." buckets are syscalls not already claimed by a user-space phase.
+of its stack, so the shares add up to 100%. The buckets are the phases a reader of
+src/pipeline/ knows; "kernel: ..." buckets are syscalls not already claimed by a user-space phase.
 """
 
 import re
@@ -16,8 +16,8 @@ from collections import Counter
 # (bucket, regex over the frames of one stack); first match wins.
 BUCKETS = [
     ("access log (formatting + stderr write)", r"sitecore_auth_proxy::logging::|tracing_subscriber|tracing_core::event|nu_ansi_term"),
-    ("metrics (route handles, prometheus-client families)", r"metrics::RouteRequests|prometheus_client"),
-    ("request id (rand + hex format)", r"proxy::request_id|rand::"),
+    ("metrics (route handles, prometheus-client families, history ring)", r"metrics::|prometheus_client"),
+    ("request id (rand + hex format)", r"pipeline::request_id|rand::"),
     ("token read (ArcSwap)", r"OAuthCredential>::current|OAuthCredential::current|arc_swap"),
     ("route + path check + header hygiene", r"routes::check_path|RouteTable>::find|RouteTable::find|strip_hop_by_hop|strip_inbound_credentials|upstream_path_and_query"),
     ("kernel: socket write (sendmsg/writev)", r"do_writev|__sys_sendto|__sys_sendmsg|tcp_sendmsg"),
@@ -29,7 +29,8 @@ BUCKETS = [
     ("timer (tokio::time::timeout, sleep; user space)", r"tokio::runtime::time|tokio::time::"),
     ("upstream client (our pool and its connection tasks: hyper h1 client)", r"sitecore_auth_proxy::upstream::(pool|connect)::|hyper_util::client::legacy|hyper::client::"),
     ("hyper h1 server (parse/encode, dispatch)", r"hyper::proto::h1|hyper::server|hyper_util::server"),
-    ("proxy pipeline (process_request, TrackedBody)", r"sitecore_auth_proxy::proxy"),
+    ("limits (GCRA, in-flight, RateLimit fields)", r"sitecore_auth_proxy::limits::|governor::"),
+    ("proxy pipeline (process_request, TrackedBody)", r"sitecore_auth_proxy::pipeline::"),
     ("malloc/free", r"malloc|_int_free|cfree|__libc_free|unlink_chunk"),
     ("tokio scheduler", r"tokio::runtime"),
     ("other", r"."),
