@@ -9,10 +9,8 @@
 
 mod support;
 
-use sitecore_auth_proxy::app::{self, Options};
 use sitecore_auth_proxy::emulator::{Emulator, TokenFault, UpstreamFault};
 use sitecore_auth_proxy::logging::{self, Format, MemoryWriter};
-use sitecore_auth_proxy::server::Workers;
 use support::{json, Harness, Setup};
 
 const SECRET: &str = "cs-LOGMARK-secret-3e1f";
@@ -42,20 +40,7 @@ async fn full_run() -> Vec<String> {
     // The first token request is refused with Auth0's body, then one 500: neither body may be logged.
     emulator.push_token_faults([TokenFault::AccessDenied, TokenFault::Status(500)]);
     let text = support::config_text(&setup, &emulator);
-    let options = Options {
-        workers: Workers::Inline,
-        tuning: setup.tuning,
-    };
-    let proxy = app::start(support::parse(&text), options)
-        .await
-        .expect("proxy starts");
-    let h = Harness {
-        base: format!("http://{}", proxy.local_addr()),
-        emulator,
-        proxy,
-        http: support::client(),
-    };
-    h.wait_ready().await;
+    let h = Harness::inline(emulator, &text, setup.tuning).await;
     let credential = h.proxy.credential("automation").expect("credential");
     assert!(
         support::eventually(std::time::Duration::from_secs(10), || credential

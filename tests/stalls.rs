@@ -20,10 +20,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
-use sitecore_auth_proxy::app::{self, Options};
 use sitecore_auth_proxy::emulator::{pattern_bytes, Api, Emulator, UpstreamFault};
 use sitecore_auth_proxy::logging::{self, Format, MemoryWriter};
-use sitecore_auth_proxy::server::Workers;
 use support::raw::status_of;
 use support::{eventually, json, Harness, Setup};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -55,20 +53,7 @@ async fn start_with(server_extra: &str, extra_toml: &str) -> Harness {
         "\n[[routes]]\nprefix = \"{ROUTE}\"\nupstream = \"{}\"\ncredential = \"automation\"\ntimeout = \"{TIMEOUT}\"\n",
         emulator.api_base(Api::Deploy)
     ));
-    let options = Options {
-        workers: Workers::Inline,
-        tuning: setup.tuning,
-    };
-    let proxy = app::start(support::parse(&text), options)
-        .await
-        .expect("proxy starts");
-    let h = Harness {
-        base: format!("http://{}", proxy.local_addr()),
-        emulator,
-        proxy,
-        http: support::client(),
-    };
-    h.wait_ready().await;
+    let h = Harness::inline(emulator, &text, setup.tuning).await;
     h
 }
 

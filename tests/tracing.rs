@@ -20,10 +20,8 @@ use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
-use sitecore_auth_proxy::app::{self, Options};
 use sitecore_auth_proxy::emulator::{TokenFault, DEFAULT_CLIENT_SECRET};
 use sitecore_auth_proxy::logging::{self, Format, MemoryWriter};
-use sitecore_auth_proxy::server::Workers;
 use support::{json, Harness, Setup};
 use tokio::net::TcpListener;
 
@@ -355,20 +353,7 @@ async fn the_access_line_carries_the_trace_id() {
     let setup = setup(&format!("http://{addr}"), "", "");
     let emulator = setup.emulator.clone().start().await.expect("emulator");
     let text = support::config_text(&setup, &emulator);
-    let options = Options {
-        workers: Workers::Inline,
-        tuning: setup.tuning,
-    };
-    let proxy = app::start(support::parse(&text), options)
-        .await
-        .expect("proxy starts");
-    let harness = Harness {
-        base: format!("http://{}", proxy.local_addr()),
-        emulator,
-        proxy,
-        http: support::client(),
-    };
-    harness.wait_ready().await;
+    let harness = Harness::inline(emulator, &text, setup.tuning).await;
     let response = get(&harness, Some(&format!("00-{TRACE_ID}-{PARENT_ID}-01"))).await;
     assert_eq!(response.status(), 200);
     let response = get(&harness, None).await;

@@ -147,16 +147,29 @@ impl Harness {
     }
 
     pub async fn from_text(emulator: Emulator, text: &str, tuning: Tuning) -> Harness {
-        let config = parse(text);
-        let proxy = app::start(
-            config,
-            Options {
-                tuning,
-                ..Options::default()
-            },
-        )
-        .await
-        .expect("proxy starts");
+        let options = Options {
+            tuning,
+            ..Options::default()
+        };
+        Harness::from_text_with(emulator, text, options).await
+    }
+
+    /// The proxy served inline, on the test's own runtime (tests that capture logs with a
+    /// thread-scoped subscriber need every request on their thread), once it holds its token.
+    pub async fn inline(emulator: Emulator, text: &str, tuning: Tuning) -> Harness {
+        let options = Options {
+            workers: sitecore_auth_proxy::server::Workers::Inline,
+            tuning,
+        };
+        let h = Harness::from_text_with(emulator, text, options).await;
+        h.wait_ready().await;
+        h
+    }
+
+    async fn from_text_with(emulator: Emulator, text: &str, options: Options) -> Harness {
+        let proxy = app::start(parse(text), options)
+            .await
+            .expect("proxy starts");
         let base = format!("http://{}", proxy.local_addr());
         Harness {
             emulator,
