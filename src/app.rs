@@ -12,11 +12,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::cluster::Cluster;
 use crate::config::{Config, ConfigError};
 use crate::credential::Credential;
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::pipeline::ProxyHandler;
-use crate::runtime::{BuildError, Runtime};
+use crate::runtime::{BuildError, Runtime, Services};
 use crate::server::{self, ListenerSettings, Workers};
 use crate::shared::Shared;
 use crate::telemetry::{Telemetry, TelemetryError};
@@ -34,6 +35,9 @@ pub enum StartError {
     /// Tracing could not be set up.
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
+    /// The `[cluster]` client could not be set up (a URL it cannot use).
+    #[error("{0}")]
+    Cluster(String),
     /// A listen address could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -116,8 +120,10 @@ pub struct RunningProxy {
     tuning: Tuning,
     workers: Workers,
     refreshers: Refreshers,
-    /// The tracer, when `[telemetry]` was set at start (it changes only on restart).
-    telemetry: Option<Telemetry>,
+    /// The tracer and the fleet, as set at start (they change only on restart).
+    services: Services,
+    /// The fleet's background exchange, with `[cluster]`.
+    fleet_sync: Option<JoinHandle<()>>,
     /// Reloads run one at a time.
     reload_lock: tokio::sync::Mutex<()>,
     shutdown: watch::Sender<bool>,
@@ -140,13 +146,21 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Sta
         Some(settings) => Some(Telemetry::start(settings, &config.server, &metrics)?),
         None => None,
     };
+    let cluster = match &config.cluster {
+        Some(settings) => Some(
+            Cluster::new(settings, &config.server.upstream_ca, &metrics)
+                .map_err(StartError::Cluster)?,
+        ),
+        None => None,
+    };
+    let services = Services { telemetry, cluster };
     let runtime = Runtime::build(
         Arc::clone(&config),
         &options.tuning,
         &metrics,
         None,
         options.workers.pools(),
-        telemetry.as_ref(),
+        &services,
     )?;
     let listener = bind(config.server.listen).await?;
     let addr = local_addr(&listener, config.server.listen)?;
@@ -165,6 +179,16 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Sta
         shutting_down: AtomicBool::new(false),
         started_at: SystemTime::now(),
         listen_addr: addr,
+        cluster: services.cluster.clone(),
+    });
+    // The fleet's exchange runs beside the refreshers and stops with them.
+    let fleet_sync = services.cluster.as_ref().map(|cluster| {
+        let runtime = Arc::clone(&shared.runtime);
+        cluster.spawn_sync(
+            Box::new(move || runtime.load().limits.rate_limiters()),
+            addr.to_string(),
+            refresher_stop_rx.clone(),
+        )
     });
     let refreshers = Refreshers {
         tasks: Mutex::new(Vec::new()),
@@ -209,7 +233,8 @@ pub async fn start(config: Config, options: Options) -> Result<RunningProxy, Sta
         tuning: options.tuning,
         workers: options.workers,
         refreshers,
-        telemetry,
+        services,
+        fleet_sync,
         reload_lock: tokio::sync::Mutex::new(()),
         shutdown,
         cut,
@@ -286,7 +311,7 @@ impl RunningProxy {
             &self.shared.metrics,
             Some(&current),
             self.workers.pools(),
-            self.telemetry.as_ref(),
+            &self.services,
         );
         let runtime = match result {
             Ok(r) => r,
@@ -304,6 +329,9 @@ impl RunningProxy {
         }
         if old.telemetry != new.telemetry {
             tracing::warn!("[telemetry] changes only on restart");
+        }
+        if old.cluster != new.cluster {
+            tracing::warn!("[cluster] changes only on restart");
         }
         let runtime = Arc::new(runtime);
         self.shared.runtime.store(Arc::clone(&runtime));
@@ -354,7 +382,11 @@ impl RunningProxy {
         if let Some(admin) = self.admin.take() {
             let _ = admin.await;
         }
-        if let Some(telemetry) = &self.telemetry {
+        // The exchange tells the fleet this replica left (bounded by [cluster] timeout).
+        if let Some(sync) = self.fleet_sync.take() {
+            let _ = sync.await;
+        }
+        if let Some(telemetry) = &self.services.telemetry {
             let grace = self.shared.runtime.load().config.server.shutdown_grace;
             telemetry
                 .shutdown(crate::telemetry::FLUSH_TIMEOUT.min(grace))
@@ -374,7 +406,8 @@ impl Drop for RunningProxy {
         if let Some(admin) = &self.admin {
             admin.abort();
         }
-        if let Some(telemetry) = &self.telemetry {
+        // The fleet's exchange, if still running, sees the stop signal and leaves on its own.
+        if let Some(telemetry) = &self.services.telemetry {
             telemetry.shutdown_in_background();
         }
     }

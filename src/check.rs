@@ -24,7 +24,7 @@ pub async fn run(config: Config, fetch: bool, out: &mut dyn Write) -> Result<boo
         &Default::default(),
         None,
         1,
-        None,
+        &Default::default(),
     )?;
     writeln!(out)?;
     let mut ok = true;

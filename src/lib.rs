@@ -14,6 +14,7 @@ pub mod admin;
 pub mod app;
 pub mod body;
 pub mod check;
+pub mod cluster;
 pub mod config;
 pub mod credential;
 #[cfg(feature = "emulator")]

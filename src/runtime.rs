@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::body::ProxyBody;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::credential::{Credential, Resources};
 use crate::egress::Egress;
@@ -50,6 +51,16 @@ pub struct Runtime {
     pub telemetry: Option<Telemetry>,
 }
 
+/// What the process makes once, at start, and every runtime of it uses: the tracer
+/// (`[telemetry]`) and the fleet membership (`[cluster]`). Both change only on restart.
+#[derive(Debug, Default, Clone)]
+pub struct Services {
+    /// The tracer.
+    pub telemetry: Option<Telemetry>,
+    /// The fleet.
+    pub cluster: Option<Cluster>,
+}
+
 /// Why a runtime could not be built from a valid configuration (TLS roots, header values).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -58,15 +69,16 @@ pub struct BuildError(pub String);
 impl Runtime {
     /// Builds the runtime with `pools` upstream connection pools (one per worker thread).
     /// `previous` lends its credentials (and their cached tokens) to credentials whose settings
-    /// did not change. `telemetry` is the process's tracer (made once, at start).
+    /// did not change. `services` are the process's tracer and fleet (made once, at start).
     pub fn build(
         config: Arc<Config>,
         tuning: &Tuning,
         metrics: &Arc<Metrics>,
         previous: Option<&Runtime>,
         pools: usize,
-        telemetry: Option<&Telemetry>,
+        services: &Services,
     ) -> Result<Runtime, BuildError> {
+        let telemetry = services.telemetry.as_ref();
         let server = &config.server;
         let tls = upstream::tls_client_config(&server.upstream_ca)
             .map_err(|e| BuildError(format!("upstream TLS roots: {e}")))?;
@@ -99,6 +111,7 @@ impl Runtime {
             metrics,
             jwks: BTreeMap::new(),
             telemetry,
+            cluster: services.cluster.as_ref(),
         };
         let mut credentials = HashMap::new();
         for name in config.used_credentials() {

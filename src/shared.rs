@@ -9,6 +9,7 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use prometheus_client::metrics::gauge::Gauge;
 
+use crate::cluster::Cluster;
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
 
@@ -27,6 +28,8 @@ pub struct Shared {
     pub started_at: SystemTime,
     /// The proxy listener's bound address (the configured one may name port 0).
     pub listen_addr: SocketAddr,
+    /// The fleet, with `[cluster]`.
+    pub cluster: Option<Cluster>,
 }
 
 impl Shared {

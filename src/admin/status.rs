@@ -3,8 +3,8 @@
 //! fetches it again every few seconds.
 //!
 //! No secrets by construction: only names, URLs, counts, times and error codes are read.
-//! A `cluster` key (the fleet's replicas and Redis health) belongs here once replicas share
-//! state; the page shows a fleet section only when the document has one.
+//! With `[cluster]`, a `cluster` key holds the fleet's replicas and Redis health; the page shows
+//! a fleet section only when the document has one.
 
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
@@ -61,7 +61,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
             json!({ "name": c.name, "routes": c.routes, "limits": limits, "history": history })
         })
         .collect();
-    json!({
+    let mut status = json!({
         "service": "sitecore-auth-proxy",
         "version": env!("CARGO_PKG_VERSION"),
         "now": humantime::format_rfc3339_millis(now).to_string(),
@@ -75,5 +75,9 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "credentials": credentials,
         "routes": routes,
         "clients": clients,
-    })
+    });
+    if let (Some(cluster), Some(status)) = (&shared.cluster, status.as_object_mut()) {
+        status.insert("cluster".to_owned(), cluster.describe());
+    }
+    status
 }

@@ -334,7 +334,7 @@ fn header(raw: RawHeader, key: &str, cx: &mut Cx) -> Option<HeaderSettings> {
 }
 
 /// A secret given inline or as a file: exactly one of the two, never empty.
-fn secret_or_file(
+pub(super) fn secret_or_file(
     inline: Option<String>,
     file: Option<String>,
     (inline_key, file_key): (&str, &str),

@@ -11,6 +11,7 @@
 //! files, `limits` the rate, burst and concurrency keys, and `server`, `credentials`, `routes`
 //! and `telemetry` turn each section into its runtime type.
 
+mod cluster;
 mod context;
 mod credentials;
 mod egress;
@@ -71,6 +72,27 @@ pub struct Config {
     pub clients: Vec<ClientSettings>,
     /// The `[telemetry]` section; `None` means no tracing.
     pub telemetry: Option<TelemetrySettings>,
+    /// The `[cluster]` section; `None` means everything stays in-process.
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// Where replicas share tokens and rate-limit usage (`[cluster]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSettings {
+    /// `redis://` or `rediss://` URL, which may hold a password.
+    pub redis_url: Secret,
+    /// The file `redis_url` was read from, if any.
+    pub redis_url_file: Option<PathBuf>,
+    /// The URL without its user and password, for logs and `/status`.
+    pub shown_url: String,
+    /// Prefix of every key (default `sitecore-auth-proxy:`).
+    pub key_prefix: String,
+    /// One token fetch per credential per lifetime for the whole fleet (default true).
+    pub share_tokens: bool,
+    /// How often a replica reconciles rate-limit usage with the others (default 100 ms).
+    pub sync_interval: Duration,
+    /// The longest anything waits on Redis (default 50 ms).
+    pub timeout: Duration,
 }
 
 /// Where OpenTelemetry traces go (`[telemetry]` with an `otlp_endpoint`).
@@ -372,13 +394,14 @@ impl Config {
 }
 
 /// The top-level keys of the file.
-const SECTIONS: [&str; 6] = [
+const SECTIONS: [&str; 7] = [
     "server",
     "admin",
     "credentials",
     "routes",
     "clients",
     "telemetry",
+    "cluster",
 ];
 
 fn build(
@@ -401,7 +424,7 @@ fn build(
             problems.push(
                 key_join("", key),
                 "unknown section; the file has [server], [admin], [credentials.NAME], [[routes]], \
-                 [[clients]] and [telemetry]",
+                 [[clients]], [telemetry] and [cluster]",
             );
         }
     }
@@ -428,6 +451,7 @@ fn build(
     let routes = routes::routes(&routes, &credential_names, &mut cx);
     let clients = routes::clients(&clients, &routes.prefixes, &mut cx);
     let telemetry = telemetry::telemetry(root.get("telemetry"), &mut cx);
+    let cluster = cluster::cluster(root.get("cluster"), &mut cx);
 
     Some(Config {
         path: path.to_path_buf(),
@@ -437,6 +461,7 @@ fn build(
         routes: routes.settings,
         clients,
         telemetry,
+        cluster,
     })
 }
 

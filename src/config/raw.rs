@@ -184,3 +184,15 @@ fn navigate<'v>(value: &'v mut toml::Value, segments: &[&Segment]) -> Option<&'v
     }
     Some(current)
 }
+
+/// `[cluster]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCluster {
+    pub redis_url: Option<String>,
+    pub redis_url_file: Option<String>,
+    pub key_prefix: Option<String>,
+    pub share_tokens: Option<bool>,
+    pub sync_interval: Option<String>,
+    pub timeout: Option<String>,
+}

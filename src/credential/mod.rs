@@ -21,6 +21,7 @@ use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::watch;
 
+use crate::cluster::Cluster;
 use crate::config::CredentialSettings;
 use crate::error::TokenUnavailable;
 use crate::metrics::Metrics;
@@ -74,6 +75,8 @@ pub struct Resources<'a> {
     pub jwks: BTreeMap<String, Arc<Jwks>>,
     /// The tracer, for the refreshers' spans.
     pub telemetry: Option<&'a Telemetry>,
+    /// The fleet, with which OAuth credentials share their tokens.
+    pub cluster: Option<&'a Cluster>,
 }
 
 /// The task that keeps a credential usable (the token refresher), when its kind has one.
@@ -101,15 +104,22 @@ impl Credential {
                     })
                     .clone();
                 resources.metrics.register_credential(&Arc::from(name));
-                Kind::OAuth(Arc::new(OAuthCredential::new(
-                    name,
-                    s.clone(),
-                    resources.http.clone(),
-                    jwks,
-                    resources.tuning.clone(),
-                    Arc::clone(resources.metrics),
-                    resources.telemetry.cloned(),
-                )))
+                let shared = resources.cluster.and_then(|cluster| {
+                    let identity = format!("{}\n{}\n{}", s.token_url, s.client_id, s.audience);
+                    cluster.shared_tokens(name, &identity, &s.client_secret)
+                });
+                Kind::OAuth(Arc::new(
+                    OAuthCredential::new(
+                        name,
+                        s.clone(),
+                        resources.http.clone(),
+                        jwks,
+                        resources.tuning.clone(),
+                        Arc::clone(resources.metrics),
+                        resources.telemetry.cloned(),
+                    )
+                    .with_fleet(shared),
+                ))
             }
             CredentialSettings::Header(h) => Kind::Header(StaticHeader::new(name, h)?),
         };
@@ -161,7 +171,8 @@ impl Credential {
             return None;
         }
         match c.token().await {
-            Ok(fresh) if !Arc::ptr_eq(&fresh, token) => Some(Injection {
+            // Compared by value: in a fleet the same token may come back in a new `Arc`.
+            Ok(fresh) if fresh.authorization != token.authorization => Some(Injection {
                 name: AUTHORIZATION,
                 value: fresh.authorization.clone(),
                 token: Some(fresh),

@@ -140,6 +140,22 @@ impl Limits {
     pub fn routes(&self) -> impl Iterator<Item = (&str, &Arc<RouteLimits>)> {
         self.routes.iter().map(|(prefix, l)| (prefix.as_str(), l))
     }
+
+    /// Every rate limiter, by an id that names its client or route (`client:NAME`,
+    /// `route:PREFIX`): what a fleet divides between its replicas.
+    pub fn rate_limiters(&self) -> Vec<(String, Arc<RateLimiter>)> {
+        let clients = self.clients.iter().filter_map(|(name, l)| {
+            l.rate
+                .as_ref()
+                .map(|r| (format!("client:{name}"), Arc::clone(r)))
+        });
+        let routes = self.routes.iter().filter_map(|(prefix, l)| {
+            l.rate
+                .as_ref()
+                .map(|r| (format!("route:{prefix}"), Arc::clone(r)))
+        });
+        clients.chain(routes).collect()
+    }
 }
 
 fn rate_limiter(

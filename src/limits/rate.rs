@@ -1,8 +1,15 @@
 //! A rate limiter for one key (a client, or a route for all its clients together): `governor`'s
 //! GCRA, which keeps one atomic word of state and decides without a lock, plus the numbers the
 //! `RateLimit` header fields and the status page need.
+//!
+//! In a fleet (`[cluster]`) each replica enforces its share of the limit. The GCRA is built in
+//! cells, [`CELLS_PER_REQUEST`] to a request at the full rate; a replica with share `s` charges
+//! `CELLS_PER_REQUEST / s` cells per request, so its share changes every `sync_interval` without
+//! rebuilding the limiter or forgetting what was spent.
 
 use std::fmt;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use governor::clock::{Clock, MonotonicClock, Reference};
@@ -15,6 +22,10 @@ use crate::config::RateSettings;
 
 type Gcra<C> = governor::RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
 
+/// Cells a request costs at a share of 1 (alone, or in a fleet with the whole limit). A share is
+/// then exact to 0.1 %.
+pub const CELLS_PER_REQUEST: u32 = 1000;
+
 /// A GCRA limiter: `settings.rate` sustained, up to `settings.burst` at once.
 ///
 /// Generic over the clock so tests can drive it with `governor::clock::FakeRelativeClock`; the
@@ -25,6 +36,12 @@ pub struct RateLimiter<C: Clock = MonotonicClock> {
     /// This limiter's `RateLimit-Policy` item, built once: it says only what the settings say.
     policy_field: http::HeaderValue,
     gcra: Gcra<C>,
+    /// Cells per request: [`CELLS_PER_REQUEST`] divided by this replica's share.
+    cost: AtomicU32,
+    /// The most a request may cost: the whole burst (the GCRA cannot charge more at once).
+    max_cost: u32,
+    /// Requests checked, admitted or not: the fleet divides the limit by this demand.
+    offered: AtomicU64,
     start: C::Instant,
     admitted: RecentCounts,
     refused: RecentCounts,
@@ -107,9 +124,12 @@ impl<C: Clock> RateLimiter<C> {
     pub fn with_clock(policy: &'static str, settings: RateSettings, clock: C) -> Self {
         // `Rate::parse` guarantees an interval of at least a microsecond, so `with_period` (which
         // refuses only zero) always has a quota; the fallback is the rate's own limit anyway.
-        let quota = Quota::with_period(settings.rate.interval())
-            .unwrap_or_else(|| Quota::per_second(settings.rate.count()))
-            .allow_burst(settings.burst);
+        // `MAX_BURST` × `CELLS_PER_REQUEST` fits a u32, and a rate's interval is at least a
+        // microsecond, so a cell's interval is at least a nanosecond.
+        let cells = settings.burst.saturating_mul(CELLS);
+        let quota = Quota::with_period(settings.rate.interval() / CELLS_PER_REQUEST)
+            .unwrap_or_else(|| Quota::per_second(settings.rate.count().saturating_mul(CELLS)))
+            .allow_burst(cells);
         let start = clock.now();
         let rate = settings.rate;
         let policy_field = http::HeaderValue::try_from(format!(
@@ -125,6 +145,9 @@ impl<C: Clock> RateLimiter<C> {
             policy_field,
             gcra: governor::RateLimiter::direct_with_clock(quota, clock)
                 .with_middleware::<StateInformationMiddleware>(),
+            cost: AtomicU32::new(CELLS_PER_REQUEST),
+            max_cost: cells.get(),
+            offered: AtomicU64::new(0),
             start,
             admitted: RecentCounts::default(),
             refused: RecentCounts::default(),
@@ -133,23 +156,67 @@ impl<C: Clock> RateLimiter<C> {
 
     /// Takes one request from the limiter, or says how long until one would pass.
     pub fn check(&self) -> Result<Allowed, Refused> {
-        let outcome = self.gcra.check();
+        self.offered.fetch_add(1, Ordering::Relaxed);
+        let cost = self.cost.load(Ordering::Relaxed);
+        let outcome = self.gcra.check_n(NonZeroU32::new(cost).unwrap_or(CELLS));
         let now = self.gcra.clock().now();
         let second = self.second(now);
         match outcome {
-            Ok(snapshot) => {
+            Ok(Ok(snapshot)) => {
                 self.admitted.add(second);
                 Ok(Allowed {
-                    remaining: snapshot.remaining_burst_capacity(),
-                    reset: self.settings.rate.interval(),
+                    remaining: snapshot.remaining_burst_capacity() / cost,
+                    reset: self.local_interval(cost),
                 })
             }
-            Err(not_until) => {
+            Ok(Err(not_until)) => {
                 self.refused.add(second);
                 Err(Refused {
                     retry_after: not_until.wait_time_from(now),
                 })
             }
+            // `set_share` never charges more than the burst; should it ever, the request waits
+            // one interval like any refused one.
+            Err(_) => {
+                self.refused.add(second);
+                Err(Refused {
+                    retry_after: self.local_interval(cost),
+                })
+            }
+        }
+    }
+
+    /// Sets this replica's share of the limit (0 < share ≤ 1; 1 alone). A share below what one
+    /// request of the burst allows (1 / burst) is raised to it: a replica always lets a request
+    /// through now and then.
+    pub fn set_share(&self, share: f64) {
+        let share = if share.is_finite() {
+            share.clamp(1e-6, 1.0)
+        } else {
+            1.0
+        };
+        let cost = (f64::from(CELLS_PER_REQUEST) / share).round();
+        let cost = (cost as u32).clamp(CELLS_PER_REQUEST, self.max_cost.max(CELLS_PER_REQUEST));
+        self.cost.store(cost, Ordering::Relaxed);
+    }
+
+    /// This replica's share of the limit (1 unless a fleet divides it).
+    pub fn share(&self) -> f64 {
+        f64::from(CELLS_PER_REQUEST) / f64::from(self.cost.load(Ordering::Relaxed).max(1))
+    }
+
+    /// Requests checked since the limiter was built, admitted or refused.
+    pub fn offered(&self) -> u64 {
+        self.offered.load(Ordering::Relaxed)
+    }
+
+    /// One interval of the rate this replica enforces at `cost` cells per request.
+    fn local_interval(&self, cost: u32) -> Duration {
+        let interval = self.settings.rate.interval();
+        if cost == CELLS_PER_REQUEST {
+            interval
+        } else {
+            interval.mul_f64(f64::from(cost) / f64::from(CELLS_PER_REQUEST))
         }
     }
 
@@ -184,6 +251,11 @@ impl<C: Clock> RateLimiter<C> {
         Duration::from(now.duration_since(self.start)).as_secs()
     }
 }
+
+const CELLS: NonZeroU32 = match NonZeroU32::new(CELLS_PER_REQUEST) {
+    Some(cells) => cells,
+    None => panic!("CELLS_PER_REQUEST is not zero"),
+};
 
 impl<C: Clock> fmt::Debug for RateLimiter<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

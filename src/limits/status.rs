@@ -38,5 +38,7 @@ fn describe(rate: Option<&RateLimiter>, in_flight: &InFlight) -> Value {
         "admitted_per_second": observed.map(|o| o.admitted_per_second()),
         "refused_per_second": observed.map(|o| o.refused_per_second()),
         "refused_recently": observed.map(|o| o.refused),
+        // In a fleet: the part of the rate this replica enforces (1 alone).
+        "share": rate.map(|r| (r.share() * 1000.0).round() / 1000.0),
     })
 }

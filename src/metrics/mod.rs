@@ -8,12 +8,14 @@
 //! route and client for the status page's charts. A finished request is recorded into both in
 //! one place ([`RouteMetrics::record`]).
 
+mod cluster;
 pub mod history;
 mod route;
 
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+pub use cluster::ClusterMetrics;
 use history::Histories;
 pub use route::{RouteMetrics, RouteRequests};
 
@@ -134,6 +136,9 @@ pub struct Metrics {
     pub token_cold_waits: Family<CredentialLabels, Counter>,
     /// `token_forced_refreshes_total{credential}`: refreshes forced by an upstream 401.
     pub token_forced_refreshes: Family<CredentialLabels, Counter>,
+    /// `token_fleet_adoptions_total{credential}`: tokens taken from the fleet's shared entry
+    /// instead of a token request (`[cluster]` only).
+    pub token_fleet_adoptions: Family<CredentialLabels, Counter>,
     /// `token_verification_failures_total{credential,reason}`.
     pub token_verification_failures: Family<VerificationLabels, Counter>,
     /// `config_reloads_total{outcome}`.
@@ -148,6 +153,8 @@ pub struct Metrics {
     pub telemetry_spans_dropped: Counter,
     /// `telemetry_export_failures_total`: span batches the collector did not take.
     pub telemetry_export_failures: Counter,
+    /// `cluster_up` and `cluster_sync_errors_total`, once `[cluster]` asks for them.
+    cluster: OnceLock<ClusterMetrics>,
 }
 
 /// Histogram buckets for a proxy: 100 µs doubling to about 26 s.
@@ -264,6 +271,12 @@ impl Metrics {
             "Token refreshes forced by an upstream 401",
             token_forced_refreshes.clone(),
         );
+        let token_fleet_adoptions = Family::default();
+        registry.register(
+            "token_fleet_adoptions",
+            "Tokens taken from the fleet's shared entry instead of a token request",
+            token_fleet_adoptions.clone(),
+        );
         let token_verification_failures = Family::default();
         registry.register(
             "token_verification_failures",
@@ -311,12 +324,14 @@ impl Metrics {
             credential_up,
             token_cold_waits,
             token_forced_refreshes,
+            token_fleet_adoptions,
             token_verification_failures,
             config_reloads,
             route_histories: Histories::new(true),
             client_histories,
             telemetry_spans_dropped,
             telemetry_export_failures,
+            cluster: OnceLock::new(),
         }
     }
 
@@ -377,11 +392,21 @@ impl Metrics {
         }
     }
 
+    /// The fleet's metrics, exported from the first call on (made when `[cluster]` starts).
+    pub fn cluster(&self) -> &ClusterMetrics {
+        self.cluster.get_or_init(ClusterMetrics::new)
+    }
+
     /// The exposition text (OpenMetrics, which Prometheus reads).
     pub fn encode(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::new();
         // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.registry);
+        if let Some(cluster) = self.cluster.get() {
+            let _ = encode_registry(&mut out, &cluster.registry);
+        }
+        let _ = encode_eof(&mut out);
         out
     }
 }

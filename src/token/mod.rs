@@ -23,6 +23,7 @@
 //! while it is valid.
 
 pub mod fetch;
+mod shared;
 pub mod verify;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,9 +35,11 @@ use http::HeaderValue;
 use rand::Rng;
 use tokio::sync::{watch, Notify};
 
+use crate::cluster::seal::Fingerprint;
+use crate::cluster::SharedTokens;
 use crate::config::OAuthSettings;
 use crate::error::{ErrorChain, TokenUnavailable};
-use crate::metrics::{CredentialLabels, Metrics, TokenLabels, VerificationLabels};
+use crate::metrics::{CredentialLabels, Metrics, TokenLabels};
 use crate::telemetry::Telemetry;
 use prometheus_client::metrics::counter::Counter;
 use verify::{Expectations, Jwks, VerifyError};
@@ -198,6 +201,13 @@ pub struct OAuthCredential {
     metrics: Arc<Metrics>,
     /// Each attempt is a root span when tracing is on.
     telemetry: Option<Telemetry>,
+    /// The fleet's shared entry, lease and forced-refresh budget (`[cluster]`).
+    shared: Option<SharedTokens>,
+    /// The fingerprint of the last token an upstream refused, while sharing: the fleet's entry
+    /// is not adopted again while it still holds that token.
+    rejected: Mutex<Option<Fingerprint>>,
+    /// `token_fleet_adoptions_total` of this credential (registered only in a fleet).
+    shared_adoptions: Counter,
 }
 
 impl OAuthCredential {
@@ -242,7 +252,25 @@ impl OAuthCredential {
             forced_refreshes,
             metrics,
             telemetry,
+            shared: None,
+            rejected: Mutex::new(None),
+            shared_adoptions: Counter::default(),
         }
+    }
+
+    /// Shares this credential's tokens with the fleet through `shared`.
+    pub(crate) fn with_fleet(mut self, shared: Option<SharedTokens>) -> OAuthCredential {
+        if shared.is_some() {
+            self.shared_adoptions = self
+                .metrics
+                .token_fleet_adoptions
+                .get_or_create(&CredentialLabels {
+                    credential: Arc::clone(&self.name),
+                })
+                .clone();
+        }
+        self.shared = shared;
+        self
     }
 
     /// The credential's name.
@@ -258,6 +286,11 @@ impl OAuthCredential {
     /// Requests that found the cache cold and waited for a fetch.
     pub fn cold_waits(&self) -> u64 {
         self.cold_waits.get()
+    }
+
+    /// Tokens taken from the fleet's shared entry instead of a token request.
+    pub fn fleet_adoptions(&self) -> u64 {
+        self.shared_adoptions.get()
     }
 
     /// Refreshes forced by an upstream 401.
@@ -291,6 +324,7 @@ impl OAuthCredential {
             "last_error": status.last_error,
             "token_requests": status.attempts,
             "forced_refreshes": self.forced_refreshes.get(),
+            "fleet_adoptions": self.shared.as_ref().map(|_| self.shared_adoptions.get()),
         })
     }
 
@@ -394,6 +428,11 @@ impl OAuthCredential {
         if !arc_swap_ptr_eq(&prev, &current) {
             return true;
         }
+        if let (Some(shared), Some(jwt)) = (&self.shared, shared::bearer(&used.authorization)) {
+            if let Ok(mut rejected) = self.rejected.lock() {
+                *rejected = Some(shared.fingerprint(jwt));
+            }
+        }
         self.forced_refreshes.inc();
         self.force.store(true, Ordering::Release);
         self.wake.notify_one();
@@ -435,8 +474,21 @@ impl OAuthCredential {
         }
     }
 
+    /// The fingerprint of the token an upstream last refused (fleet mode).
+    fn rejected(&self) -> Option<Fingerprint> {
+        self.rejected.lock().ok().and_then(|r| *r)
+    }
+
     /// One fetch-and-verify, with its bookkeeping; `trigger` names why it runs, for its span.
+    /// In a fleet, the shared entry comes first and may make the fetch unnecessary.
     async fn attempt(&self, trigger: &'static str) {
+        let publish = match &self.shared {
+            Some(shared) => match self.ask_fleet(shared, trigger == "forced").await {
+                shared::FromFleet::Adopted(token) => return self.adopt(token),
+                shared::FromFleet::Fetch(publish) => Some((shared, publish)),
+            },
+            None => None,
+        };
         let span = self
             .telemetry
             .as_ref()
@@ -447,6 +499,11 @@ impl OAuthCredential {
         }
         let mut status = CredentialStatus::clone(&self.status.load());
         status.attempts += 1;
+        match (&result, publish) {
+            (Ok(token), Some((shared, how))) => self.publish(shared, token, how).await,
+            (Err(_), Some((shared, how))) => self.abandon(shared, how).await,
+            _ => {}
+        }
         match result {
             Ok(token) => {
                 self.count_outcome("ok");
@@ -466,13 +523,7 @@ impl OAuthCredential {
             Err(e) => {
                 self.count_outcome(e.outcome());
                 if let TokenError::Invalid(reason) = &e {
-                    self.metrics
-                        .token_verification_failures
-                        .get_or_create(&VerificationLabels {
-                            credential: Arc::clone(&self.name),
-                            reason: reason.reason(),
-                        })
-                        .inc();
+                    self.count_verification_failure(reason);
                 }
                 status.consecutive_failures = status.consecutive_failures.saturating_add(1);
                 let wait = self.backoff(status.consecutive_failures, &e);
@@ -488,6 +539,26 @@ impl OAuthCredential {
             }
         }
         self.status.store(Arc::new(status));
+        self.attempts.send_modify(|n| *n += 1);
+    }
+
+    /// Installs a verified token another replica fetched: no token request was made.
+    fn adopt(&self, token: Token) {
+        let mut status = CredentialStatus::clone(&self.status.load());
+        status.valid_until = Some(token.expires_at);
+        status.last_refresh = Some(token.obtained_at);
+        status.consecutive_failures = 0;
+        status.last_error = None;
+        status.retry_at = None;
+        tracing::info!(
+            credential = %self.name,
+            expires_in_s = token.expires_at.duration_since(SystemTime::now()).unwrap_or_default().as_secs(),
+            "token taken from the fleet"
+        );
+        self.token.store(Some(Arc::new(token)));
+        self.held.store(true, Ordering::Release);
+        self.status.store(Arc::new(status));
+        self.shared_adoptions.inc();
         self.attempts.send_modify(|n| *n += 1);
     }
 
