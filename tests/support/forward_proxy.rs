@@ -23,11 +23,11 @@
 //! The binary is `/usr/bin/tinyproxy` (`.ci/run` installs it). Without it a test is skipped with a
 //! note, except under CI (`CI` set), where its absence fails the test.
 
-use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use super::free_port;
 use super::tls::temp_dir;
 
 /// Where the Debian package puts the binary.
@@ -255,14 +255,6 @@ fn installed() -> bool {
          install the tinyproxy package to run it"
     );
     false
-}
-
-/// A port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
 }
 
 /// The configuration file.

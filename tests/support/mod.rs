@@ -3,6 +3,7 @@
 
 pub mod forward_proxy;
 pub mod raw;
+pub mod redis;
 pub mod tls;
 
 use std::path::Path;
@@ -256,4 +257,12 @@ pub fn samples(text: &str) -> std::collections::HashMap<String, f64> {
             Some((key.to_owned(), value.parse().ok()?))
         })
         .collect()
+}
+
+/// A loopback port free at the moment of asking (another process may take it before use).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
 }
