@@ -330,3 +330,83 @@ async fn the_status_page_draws_live_charts_and_never_a_secret() {
         }
     }
 }
+
+/// Whether the fleet section says Redis is up (`Some(true)`), down, or is not there.
+fn fleet_badge(dom: &str) -> Option<bool> {
+    let start = dom.find("<section id=\"fleet\"")?;
+    let section = &dom[start..start + dom[start..].find("</section>")?];
+    let tag = &section[..section.find('>')?];
+    if tag.contains("hidden") {
+        return None;
+    }
+    match (section.contains("Redis up"), section.contains("Redis down")) {
+        (true, false) => Some(true),
+        (false, true) => Some(false),
+        _ => panic!("no Redis badge in {section}"),
+    }
+}
+
+#[tokio::test]
+async fn the_fleet_section_shows_redis_health_and_the_replicas() {
+    use support::redis::{RedisOptions, RedisServer};
+    if !chromium_available() {
+        return;
+    }
+    const PASSWORD: &str = "redis-pw-MARKER-77aa";
+    let options = RedisOptions {
+        password: Some(PASSWORD.into()),
+        ..RedisOptions::default()
+    };
+    let Some(mut redis) = RedisServer::start_with(options).await else {
+        return;
+    };
+    let setup = Setup::default();
+    let emulator = setup.emulator.clone().start().await.expect("emulator");
+    let mut text = support::config_text(&setup, &emulator);
+    text.push_str(&format!(
+        "\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         \n[cluster]\nredis_url = \"{}\"\nsync_interval = \"50ms\"\ntimeout = \"200ms\"\n",
+        redis.url()
+    ));
+    let other = sitecore_auth_proxy::app::start(support::parse(&text), Default::default())
+        .await
+        .expect("second replica");
+    let h = Harness::from_text(emulator, &text, fast_tuning()).await;
+    h.wait_ready().await;
+    let admin = format!("http://{}", h.proxy.admin_addr().expect("admin listener"));
+    status_until(&h, &admin, |s| {
+        s["cluster"]["replicas"].as_array().map(Vec::len) == Some(2)
+    })
+    .await;
+
+    let url = format!("{admin}/status");
+    let up = dump_dom(&url).await;
+    assert_eq!(fleet_badge(&up), Some(true));
+    assert_eq!(
+        up.matches("<tr data-replica").count(),
+        2,
+        "two replicas listed"
+    );
+    let own = h
+        .proxy
+        .shared()
+        .cluster
+        .as_ref()
+        .expect("clustered")
+        .replica()
+        .to_owned();
+    assert!(up.contains(&own), "this replica is listed by name");
+    assert!(
+        !up.contains(PASSWORD),
+        "the Redis password is on the status page"
+    );
+
+    redis.kill();
+    status_until(&h, &admin, |s| s["cluster"]["up"] == false).await;
+    let down = dump_dom(&url).await;
+    assert_eq!(fleet_badge(&down), Some(false));
+    // The last fleet seen stays listed while Redis is away.
+    assert_eq!(down.matches("<tr data-replica").count(), 2);
+    assert!(!down.contains(PASSWORD));
+    drop(other);
+}
