@@ -22,7 +22,7 @@ const PREFIX: &str = "fleet-test:";
 
 /// The standard routes against `emulator`, an admin listener, and `[cluster]` on `redis_url`
 /// (`timeout` generous: on a loaded two-core machine a 50 ms budget would make the counts
-/// depend on the scheduler), plus `extra`.
+/// depend on the scheduler), plus `extra` (more tables, such as `[[clients]]`).
 fn fleet_text(emulator: &Emulator, redis_url: &str, timeout: &str, extra: &str) -> String {
     let mut text = support::config_text(&Setup::default(), emulator);
     text.push_str(&format!(
@@ -366,13 +366,7 @@ async fn a_rate_holds_for_the_fleet_as_a_whole() {
     let emulator = emulator(|_| {}).await;
     // A small burst, so the 10 s figure is the rate's, not the burst's.
     let client = "\n[[clients]]\nname = \"ci\"\nkey = \"ci-key-0123456789abcdef\"\nrate = \"50/s\"\nburst = 5\n";
-    let mut text = support::config_text(&Setup::default(), &emulator);
-    text.push_str(client);
-    text.push_str(&format!(
-        "\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[cluster]\nredis_url = \"{}\"\n\
-         key_prefix = \"{PREFIX}\"\nsync_interval = \"50ms\"\ntimeout = \"500ms\"\n",
-        redis.url()
-    ));
+    let text = fleet_text(&emulator, &redis.url(), "500ms", client);
     let fleet = replicas(&text, 3).await;
     wait_tokens(&fleet).await;
     wait_fleet(&fleet, 3).await;
@@ -436,13 +430,7 @@ async fn survives(fault: impl FnOnce(&mut RedisServer), heal: impl AsyncFnOnce(&
     let emulator = emulator(|_| {}).await;
     let client =
         "\n[[clients]]\nname = \"ci\"\nkey = \"ci-key-0123456789abcdef\"\nrate = \"300/s\"\n";
-    let mut text = support::config_text(&Setup::default(), &emulator);
-    text.push_str(client);
-    text.push_str(&format!(
-        "\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[cluster]\nredis_url = \"{}\"\n\
-         key_prefix = \"{PREFIX}\"\nsync_interval = \"50ms\"\ntimeout = \"100ms\"\n",
-        redis.url()
-    ));
+    let text = fleet_text(&emulator, &redis.url(), "100ms", client);
     let fleet = replicas(&text, 2).await;
     wait_tokens(&fleet).await;
     wait_fleet(&fleet, 2).await;
@@ -623,13 +611,7 @@ async fn a_replica_with_all_the_traffic_gets_most_of_the_rate() {
     let emulator = emulator(|_| {}).await;
     // A client whose keep-alive connection lands on one replica: the limit follows it there.
     let client = "\n[[clients]]\nname = \"ci\"\nkey = \"ci-key-0123456789abcdef\"\nrate = \"50/s\"\nburst = 5\n";
-    let mut text = support::config_text(&Setup::default(), &emulator);
-    text.push_str(client);
-    text.push_str(&format!(
-        "\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[cluster]\nredis_url = \"{}\"\n\
-         key_prefix = \"{PREFIX}\"\nsync_interval = \"50ms\"\ntimeout = \"500ms\"\n",
-        redis.url()
-    ));
+    let text = fleet_text(&emulator, &redis.url(), "500ms", client);
     let fleet = replicas(&text, 3).await;
     wait_tokens(&fleet).await;
     wait_fleet(&fleet, 3).await;

@@ -507,18 +507,7 @@ impl OAuthCredential {
         match result {
             Ok(token) => {
                 self.count_outcome("ok");
-                status.valid_until = Some(token.expires_at);
-                status.last_refresh = Some(token.obtained_at);
-                status.consecutive_failures = 0;
-                status.last_error = None;
-                status.retry_at = None;
-                tracing::info!(
-                    credential = %self.name,
-                    expires_in_s = token.expires_at.duration_since(SystemTime::now()).unwrap_or_default().as_secs(),
-                    "token obtained"
-                );
-                self.token.store(Some(Arc::new(token)));
-                self.held.store(true, Ordering::Release);
+                self.install(token, &mut status, "token obtained");
             }
             Err(e) => {
                 self.count_outcome(e.outcome());
@@ -545,6 +534,14 @@ impl OAuthCredential {
     /// Installs a verified token another replica fetched: no token request was made.
     fn adopt(&self, token: Token) {
         let mut status = CredentialStatus::clone(&self.status.load());
+        self.install(token, &mut status, "token taken from the fleet");
+        self.status.store(Arc::new(status));
+        self.shared_adoptions.inc();
+        self.attempts.send_modify(|n| *n += 1);
+    }
+
+    /// Serves `token` from now on and clears the failure state in `status`.
+    fn install(&self, token: Token, status: &mut CredentialStatus, how: &'static str) {
         status.valid_until = Some(token.expires_at);
         status.last_refresh = Some(token.obtained_at);
         status.consecutive_failures = 0;
@@ -553,13 +550,10 @@ impl OAuthCredential {
         tracing::info!(
             credential = %self.name,
             expires_in_s = token.expires_at.duration_since(SystemTime::now()).unwrap_or_default().as_secs(),
-            "token taken from the fleet"
+            "{how}"
         );
         self.token.store(Some(Arc::new(token)));
         self.held.store(true, Ordering::Release);
-        self.status.store(Arc::new(status));
-        self.shared_adoptions.inc();
-        self.attempts.send_modify(|n| *n += 1);
     }
 
     fn count_outcome(&self, outcome: &'static str) {
