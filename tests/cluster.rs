@@ -358,18 +358,24 @@ async fn a_tampered_or_foreign_entry_is_refused() {
     drop((first, second, third, fourth));
 }
 
+/// Three replicas whose client `ci` has `rate = "50/s"` with a small burst (so a 10 s figure is
+/// the rate's, not the burst's), holding tokens and seeing each other.
+async fn rate_limited_fleet(emulator: &Emulator, redis: &RedisServer) -> Vec<RunningProxy> {
+    let client = "\n[[clients]]\nname = \"ci\"\nkey = \"ci-key-0123456789abcdef\"\nrate = \"50/s\"\nburst = 5\n";
+    let text = fleet_text(emulator, &redis.url(), "500ms", client);
+    let fleet = replicas(&text, 3).await;
+    wait_tokens(&fleet).await;
+    wait_fleet(&fleet, 3).await;
+    fleet
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_holds_for_the_fleet_as_a_whole() {
     let Some(redis) = RedisServer::start().await else {
         return;
     };
     let emulator = emulator(|_| {}).await;
-    // A small burst, so the 10 s figure is the rate's, not the burst's.
-    let client = "\n[[clients]]\nname = \"ci\"\nkey = \"ci-key-0123456789abcdef\"\nrate = \"50/s\"\nburst = 5\n";
-    let text = fleet_text(&emulator, &redis.url(), "500ms", client);
-    let fleet = replicas(&text, 3).await;
-    wait_tokens(&fleet).await;
-    wait_fleet(&fleet, 3).await;
+    let fleet = rate_limited_fleet(&emulator, &redis).await;
 
     // Offer about 150 requests a second, round-robin over the replicas, for 10 s.
     let http = support::client();
@@ -610,11 +616,7 @@ async fn a_replica_with_all_the_traffic_gets_most_of_the_rate() {
     };
     let emulator = emulator(|_| {}).await;
     // A client whose keep-alive connection lands on one replica: the limit follows it there.
-    let client = "\n[[clients]]\nname = \"ci\"\nkey = \"ci-key-0123456789abcdef\"\nrate = \"50/s\"\nburst = 5\n";
-    let text = fleet_text(&emulator, &redis.url(), "500ms", client);
-    let fleet = replicas(&text, 3).await;
-    wait_tokens(&fleet).await;
-    wait_fleet(&fleet, 3).await;
+    let fleet = rate_limited_fleet(&emulator, &redis).await;
     let http = support::client();
     let target = url(&fleet[0], PATH);
     let offer = async |seconds: u64| {
