@@ -6,6 +6,8 @@
 //! The alert rules and the dashboard (`deploy/prometheus/`, `deploy/grafana/`) are checked in
 //! `manifests/observability.rs`.
 
+#[path = "manifests/fleet.rs"]
+mod fleet;
 #[path = "manifests/observability.rs"]
 mod observability;
 mod support;
@@ -23,7 +25,7 @@ fn repo() -> PathBuf {
 }
 
 fn kube_dir() -> PathBuf {
-    repo().join("deploy").join("kubernetes")
+    repo().join("deploy").join("kubernetes").join("base")
 }
 
 /// One YAML document and the file it came from.
@@ -42,7 +44,7 @@ impl Doc {
     }
 }
 
-/// Every document of every `.yaml`/`.yml` file under deploy/kubernetes, in file name order.
+/// Every document of every `.yaml`/`.yml` file of deploy/kubernetes/base, in file name order.
 fn manifests() -> Vec<Doc> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(kube_dir())
         .expect("deploy/kubernetes exists")
