@@ -1,14 +1,37 @@
 //! One exchange with the fleet, every `sync_interval`: this replica's heartbeat and rate-limit
 //! demand go in, every live replica's come back. Two round trips whatever the request rate.
 //!
-//! Keys: `replicas` (a sorted set of names scored by their last heartbeat, in Unix ms),
-//! `replica:NAME` (what the status page shows) and `demand:NAME` (requests per second offered
-//! to each rate limiter), the last two expiring with the heartbeat.
+//! Keys: `replicas` (a sorted set of names scored by their last heartbeat, in Redis's own Unix
+//! ms, so replicas whose clocks disagree still agree on who is alive), `replica:NAME` (what the
+//! status page shows) and `demand:NAME` (requests per second offered to each rate limiter), the
+//! last two expiring with the heartbeat.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::LazyLock;
+use std::time::SystemTime;
+
+use redis::Script;
 
 use super::{Cluster, StoreError};
+
+/// The heartbeat, on Redis's clock: add this replica, drop those silent for longer than the
+/// time to live, store this replica's info and demand, return Redis's time and the members.
+const HEARTBEAT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[4])
+redis.call('ZADD', KEYS[1], string.format('%.0f', now), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.0f', now - ttl))
+redis.call('PEXPIRE', KEYS[1], ttl * 4)
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ttl)
+redis.call('SET', KEYS[3], ARGV[3], 'PX', ttl)
+local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+table.insert(members, 1, string.format('%.0f', now))
+return members
+";
+
+/// Its digest is computed once: the script runs every `sync_interval`.
+static HEARTBEAT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(HEARTBEAT));
 
 /// What the last exchange saw.
 #[derive(Debug, Default, Clone)]
@@ -24,8 +47,8 @@ pub struct FleetView {
 pub struct Peer {
     /// Its name in the fleet.
     pub name: String,
-    /// Unix ms of its last heartbeat.
-    pub seen_ms: u64,
+    /// How long before the exchange its last heartbeat was, in ms of Redis's clock.
+    pub age_ms: u64,
     /// What it says about itself (listen address, start time, version).
     pub info: Option<serde_json::Value>,
     /// Requests per second offered to each rate limiter, by limiter id.
@@ -35,11 +58,10 @@ pub struct Peer {
 impl Peer {
     /// Its row on the status page.
     pub fn describe(&self, own: &str) -> serde_json::Value {
-        let age = unix_ms(SystemTime::now()).saturating_sub(self.seen_ms);
         let mut row = serde_json::json!({
             "name": self.name,
             "this": self.name == own,
-            "heartbeat_age_ms": age,
+            "heartbeat_age_ms": self.age_ms,
         });
         if let (Some(row), Some(serde_json::Value::Object(info))) =
             (row.as_object_mut(), self.info.as_ref())
@@ -59,62 +81,44 @@ pub(super) async fn exchange(
     demand: &BTreeMap<String, f64>,
 ) -> Result<FleetView, StoreError> {
     let now = SystemTime::now();
-    let now_ms = unix_ms(now);
-    let ttl = cluster.heartbeat_ttl();
-    let ttl_ms = ttl.as_millis() as u64;
+    let ttl_ms = cluster.heartbeat_ttl().as_millis() as u64;
     let own = cluster.replica();
-    let replicas = cluster.key("replicas");
     let demand_json = serde_json::to_string(demand).unwrap_or_else(|_| "{}".to_owned());
-
-    let mut pipe = redis::pipe();
-    pipe.cmd("ZADD")
-        .arg(&replicas)
-        .arg(now_ms)
-        .arg(own)
-        .ignore()
-        .cmd("ZREMRANGEBYSCORE")
-        .arg(&replicas)
-        .arg("-inf")
-        .arg(format!("({}", now_ms.saturating_sub(ttl_ms)))
-        .ignore()
-        .cmd("PEXPIRE")
-        .arg(&replicas)
-        .arg(ttl_ms * 4)
-        .ignore()
-        .cmd("SET")
-        .arg(cluster.key(&format!("replica:{own}")))
-        .arg(info)
-        .arg("PX")
-        .arg(ttl_ms)
-        .ignore()
-        .cmd("SET")
-        .arg(cluster.key(&format!("demand:{own}")))
-        .arg(&demand_json)
-        .arg("PX")
-        .arg(ttl_ms)
-        .ignore()
-        .cmd("ZRANGE")
-        .arg(&replicas)
-        .arg(0)
-        .arg(-1)
-        .arg("WITHSCORES");
-    let (members,): (Vec<(String, f64)>,) = cluster.store().pipeline(&pipe).await?;
-
-    let mut peers: Vec<Peer> = members
-        .into_iter()
-        .map(|(name, score)| Peer {
-            name,
-            seen_ms: score as u64,
-            info: None,
-            demand: BTreeMap::new(),
+    let replicas = cluster.key("replicas");
+    let info_key = cluster.key(&format!("replica:{own}"));
+    let demand_key = cluster.key(&format!("demand:{own}"));
+    let reply: Vec<String> = cluster
+        .store()
+        .script(
+            &HEARTBEAT_SCRIPT,
+            &[&replicas, &info_key, &demand_key],
+            &[
+                own.as_bytes(),
+                info.as_bytes(),
+                demand_json.as_bytes(),
+                ttl_ms.to_string().as_bytes(),
+            ],
+        )
+        .await?;
+    let redis_now: u64 = reply.first().and_then(|n| n.parse().ok()).unwrap_or(0);
+    let mut peers: Vec<Peer> = reply
+        .get(1..)
+        .unwrap_or_default()
+        .chunks(2)
+        .filter_map(|pair| {
+            let seen = pair.get(1)?.parse::<f64>().ok()? as u64;
+            Some(Peer {
+                name: pair.first()?.clone(),
+                age_ms: redis_now.saturating_sub(seen),
+                info: None,
+                demand: BTreeMap::new(),
+            })
         })
         .collect();
     if !peers.iter().any(|p| p.name == own) {
-        // Our own heartbeat was just written; a clock far behind the others' could have had it
-        // trimmed. We are alive either way.
         peers.push(Peer {
             name: own.to_owned(),
-            seen_ms: now_ms,
+            age_ms: 0,
             info: None,
             demand: BTreeMap::new(),
         });
@@ -161,10 +165,4 @@ pub(super) async fn leave(cluster: &Cluster) -> Result<(), StoreError> {
         .arg(cluster.key(&format!("demand:{own}")))
         .ignore();
     cluster.store().pipeline::<()>(&pipe).await
-}
-
-pub(super) fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_millis() as u64
 }

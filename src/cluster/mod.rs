@@ -102,8 +102,9 @@ impl Cluster {
     }
 
     /// The shared entry of an OAuth credential, or `None` with `share_tokens = false`.
-    /// `identity` names what the token is for (endpoint, client and audience); two gateways
-    /// sharing one Redis use different keys unless they use the same client for the same API.
+    /// `identity` names what the token is for (endpoint, client, audience, parameters,
+    /// verification); its digest is part of the key, so replicas only share an entry while
+    /// their credential of that name asks for the same token.
     pub fn shared_tokens(
         &self,
         credential: &str,

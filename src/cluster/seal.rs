@@ -3,9 +3,10 @@
 //! entry written for another credential or another key name does not open.
 //!
 //! An entry is `[version][fingerprint: 16][nonce: 12][ciphertext + tag]`. The fingerprint (an
-//! HMAC of the token under a second derived key) is in clear so that a Redis script can replace
-//! an entry only while it still holds the token a replica saw rejected; it is also bound into the
-//! AEAD's associated data, so it cannot be swapped onto another entry.
+//! HMAC of the token under a second derived key) names the token without revealing it: a replica
+//! recognises the token an upstream refused without keeping the token. It is bound into the
+//! AEAD's associated data with the version and the key name, so none of them can be changed or
+//! moved onto another entry, and after opening it is checked against the token itself.
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use aws_lc_rs::{hkdf, hmac};
@@ -68,8 +69,9 @@ impl Sealer {
         out
     }
 
-    /// The sealed entry for `plaintext`, naming the token by `fingerprint`.
-    pub fn seal(&self, fingerprint: &Fingerprint, plaintext: &[u8]) -> Vec<u8> {
+    /// The sealed entry for `plaintext`, naming the token by `fingerprint`; `None` only if
+    /// AES-GCM refuses the input (beyond 64 GiB).
+    pub fn seal(&self, fingerprint: &Fingerprint, plaintext: &[u8]) -> Option<Vec<u8>> {
         let mut nonce = [0u8; NONCE_LEN];
         rand::Rng::fill(&mut rand::rng(), &mut nonce[..]);
         let mut out = Vec::with_capacity(HEADER_LEN + plaintext.len() + AES_256_GCM.tag_len());
@@ -77,17 +79,15 @@ impl Sealer {
         out.extend_from_slice(fingerprint);
         out.extend_from_slice(&nonce);
         let mut body = plaintext.to_vec();
-        let sealed = self.key.seal_in_place_append_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(self.aad(fingerprint)),
-            &mut body,
-        );
-        // AES-GCM fails only for inputs beyond 64 GiB.
-        if sealed.is_err() {
-            return Vec::new();
-        }
+        self.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(self.aad(fingerprint)),
+                &mut body,
+            )
+            .ok()?;
         out.extend_from_slice(&body);
-        out
+        Some(out)
     }
 
     /// The plaintext of `entry` and the fingerprint it names.
@@ -112,8 +112,10 @@ impl Sealer {
         Ok((fingerprint, body))
     }
 
+    /// The version, the key name and the fingerprint: none can be changed or moved unnoticed.
     fn aad(&self, fingerprint: &Fingerprint) -> Vec<u8> {
-        let mut aad = Vec::with_capacity(self.context.len() + FINGERPRINT_LEN);
+        let mut aad = Vec::with_capacity(1 + self.context.len() + FINGERPRINT_LEN);
+        aad.push(VERSION);
         aad.extend_from_slice(&self.context);
         aad.extend_from_slice(fingerprint);
         aad
@@ -121,7 +123,7 @@ impl Sealer {
 }
 
 /// The fingerprint an entry names, read without opening it.
-pub fn fingerprint_of(entry: &[u8]) -> Option<Fingerprint> {
+fn fingerprint_of(entry: &[u8]) -> Option<Fingerprint> {
     entry.get(1..1 + FINGERPRINT_LEN)?.try_into().ok()
 }
 
@@ -139,7 +141,9 @@ mod tests {
     fn an_entry_opens_with_the_same_secret_and_context_only() {
         let sealer = Sealer::new(b"secret", "p:token:automation");
         let fp = sealer.fingerprint("eyJ.token");
-        let entry = sealer.seal(&fp, b"{\"access_token\":\"eyJ.token\"}");
+        let entry = sealer
+            .seal(&fp, b"{\"access_token\":\"eyJ.token\"}")
+            .expect("sealed");
         assert_eq!(
             sealer.open(&entry),
             Ok((fp, b"{\"access_token\":\"eyJ.token\"}".to_vec()))
@@ -158,7 +162,7 @@ mod tests {
     fn tampering_is_refused() {
         let sealer = Sealer::new(b"secret", "ctx");
         let fp = sealer.fingerprint("t");
-        let entry = sealer.seal(&fp, b"payload");
+        let entry = sealer.seal(&fp, b"payload").expect("sealed");
         for i in 0..entry.len() {
             let mut bad = entry.clone();
             bad[i] ^= 0x01;

@@ -35,7 +35,7 @@ pub enum StoreError {
 impl From<RedisError> for StoreError {
     fn from(e: RedisError) -> Self {
         if e.is_timeout() {
-            return StoreError::Unreachable("timed out".to_owned());
+            return StoreError::Unreachable("connection timed out".to_owned());
         }
         if e.kind() == redis::ErrorKind::AuthenticationFailed
             || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
@@ -80,20 +80,36 @@ impl Store {
         metrics: &ClusterMetrics,
     ) -> Result<Store, String> {
         let url = settings.redis_url.expose().trim();
+        let info = redis::IntoConnectionInfo::into_connection_info(url)
+            .map_err(|e| format!("[cluster] redis_url: {}", StoreError::from(e)))?
+            // A peer that vanishes without a reset (a rescheduled pod's old address) is noticed
+            // by the kernel, and the connection is rebuilt, within seconds rather than the
+            // quarter of an hour TCP retransmission takes by default.
+            .set_tcp_settings(
+                redis::io::tcp::TcpSettings::default()
+                    .set_nodelay(true)
+                    .set_keepalive(
+                        socket2::TcpKeepalive::new()
+                            .with_time(Duration::from_secs(5))
+                            .with_interval(Duration::from_secs(2))
+                            .with_retries(3),
+                    )
+                    .set_user_timeout(Duration::from_secs(10)),
+            );
         let client = if url.starts_with("rediss:") && !extra_roots.is_empty() {
             let mut pem = system_roots_pem();
             for cert in extra_roots {
                 pem.push_str(&pem_certificate(cert));
             }
             redis::Client::build_with_tls(
-                url,
+                info,
                 redis::TlsCertificates {
                     client_tls: None,
                     root_cert: Some(pem.into_bytes()),
                 },
             )
         } else {
-            redis::Client::open(url)
+            redis::Client::open(info)
         }
         .map_err(|e| format!("[cluster] redis_url: {}", StoreError::from(e)))?;
         let config = ConnectionManagerConfig::new()
@@ -158,11 +174,6 @@ impl Store {
     /// The last failure, while down.
     pub fn last_error(&self) -> Option<String> {
         self.health.last_error.lock().ok().and_then(|e| e.clone())
-    }
-
-    /// The bound on every operation.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
     }
 
     async fn bounded<T>(

@@ -7,18 +7,17 @@ use std::time::Duration;
 
 use redis::Script;
 
-use super::seal::{fingerprint_of, Fingerprint, OpenError, Sealer};
+use super::seal::{Fingerprint, OpenError, Sealer};
 use super::{Cluster, StoreError};
 use crate::secret::Secret;
 
-/// Replaces the entry only while it still names the token the writer saw (ARGV[1], empty for
-/// "there was none"): a replica never overwrites a newer token than the one it replaces.
+/// Replaces the entry only while it is still exactly what the writer saw (ARGV[1], empty for
+/// "there was none"): a replica never overwrites a newer token than the one it replaces, and
+/// always replaces garbage it has seen, whatever its shape.
 const PUBLISH: &str = r"
-local current = redis.call('GET', KEYS[1])
-if current then
-  if ARGV[1] == '' or string.sub(current, 2, 17) ~= ARGV[1] then
-    return 0
-  end
+local current = redis.call('GET', KEYS[1]) or ''
+if current ~= ARGV[1] then
+  return 0
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
@@ -33,13 +32,30 @@ return 0
 ";
 
 /// What the shared entry held.
-#[derive(Debug)]
 pub enum Entry {
-    /// Opened with this credential's key: the token's fingerprint and the plaintext.
+    /// Opened with this credential's key: the token's fingerprint and the plaintext (which holds
+    /// the token: never printed).
     Opened(Fingerprint, Vec<u8>),
-    /// Present but refused (another key, tampered, or not ours); its fingerprint bytes, if any,
-    /// so that a replica can replace exactly it.
-    Refused(OpenError, Option<Fingerprint>),
+    /// Present but refused: another key, tampered, or not ours.
+    Refused(OpenError),
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Entry::Opened(..) => f.write_str("Opened([redacted])"),
+            Entry::Refused(e) => f.debug_tuple("Refused").field(e).finish(),
+        }
+    }
+}
+
+/// The entry as read: its raw bytes (what a replacement must find unchanged) and what they hold.
+#[derive(Debug)]
+pub struct Read {
+    /// The stored value.
+    pub raw: Vec<u8>,
+    /// Opened or refused.
+    pub entry: Entry,
 }
 
 /// The shared state of one credential.
@@ -78,34 +94,34 @@ impl SharedTokens {
         self.sealer.fingerprint(token)
     }
 
-    /// The longest one Redis operation waits.
-    pub fn timeout(&self) -> Duration {
-        self.cluster.store().timeout()
-    }
-
     /// Reads the entry; `None` when there is none.
-    pub async fn read(&self) -> Result<Option<Entry>, StoreError> {
+    pub async fn read(&self) -> Result<Option<Read>, StoreError> {
         let raw: Option<Vec<u8>> = self
             .cluster
             .store()
             .query(redis::cmd("GET").arg(&self.entry_key))
             .await?;
-        Ok(raw.map(|raw| match self.sealer.open(&raw) {
-            Ok((fingerprint, plain)) => Entry::Opened(fingerprint, plain),
-            Err(e) => Entry::Refused(e, fingerprint_of(&raw)),
+        Ok(raw.map(|raw| {
+            let entry = match self.sealer.open(&raw) {
+                Ok((fingerprint, plain)) => Entry::Opened(fingerprint, plain),
+                Err(e) => Entry::Refused(e),
+            };
+            Read { raw, entry }
         }))
     }
 
     /// Seals `plaintext` and stores it for `ttl`, unless the entry has changed since this
-    /// replica saw `replaces` (`None`: there was no entry). True when written.
+    /// replica read `replaces` (`None`: there was no entry). True when written.
     pub async fn publish(
         &self,
         fingerprint: &Fingerprint,
         plaintext: &[u8],
         ttl: Duration,
-        replaces: Option<&Fingerprint>,
+        replaces: Option<&[u8]>,
     ) -> Result<bool, StoreError> {
-        let sealed = self.sealer.seal(fingerprint, plaintext);
+        let Some(sealed) = self.sealer.seal(fingerprint, plaintext) else {
+            return Ok(false);
+        };
         let ttl_ms = ttl.as_millis().max(1).to_string();
         let written: i64 = self
             .cluster
@@ -113,11 +129,7 @@ impl SharedTokens {
             .script(
                 &self.publish,
                 &[&self.entry_key],
-                &[
-                    replaces.map_or(&[][..], |f| &f[..]),
-                    &sealed,
-                    ttl_ms.as_bytes(),
-                ],
+                &[replaces.unwrap_or_default(), &sealed, ttl_ms.as_bytes()],
             )
             .await?;
         Ok(written == 1)
@@ -140,6 +152,20 @@ impl SharedTokens {
             )
             .await?;
         Ok(())
+    }
+
+    /// Frees the lease in the background if this replica holds it: after an operation that
+    /// timed out here may have taken it there, without making anyone wait for Redis again.
+    pub fn release_lease_later(&self) {
+        let cluster = self.cluster.clone();
+        let key = self.lease_key.clone();
+        let release = self.release.clone();
+        tokio::spawn(async move {
+            let _: Result<i64, _> = cluster
+                .store()
+                .script(&release, &[&key], &[cluster.replica().as_bytes()])
+                .await;
+        });
     }
 
     /// Spends the fleet's forced-refresh budget for `interval`; false when another replica

@@ -97,10 +97,18 @@ fn shown_url(text: &str) -> Result<String, String> {
     let Some(host) = url.host_str().filter(|h| !h.is_empty()) else {
         return Err(format!("has no host; write e.g. \"{EXAMPLE}\""));
     };
+    if url.fragment().is_some() {
+        return Err(
+            "has a #fragment; `#insecure` would turn off certificate verification, which the \
+             proxy does not allow (trust a private CA with server.upstream_ca)"
+                .to_owned(),
+        );
+    }
     let db = url.path().trim_start_matches('/');
     if !db.is_empty() && db.parse::<u32>().is_err() {
+        // Not repeated: a mistyped URL may have moved part of the password into the path.
         return Err(format!(
-            "has path /{db}; the path is a database number, e.g. \"{EXAMPLE}\""
+            "has a path that is not a database number; write e.g. \"{EXAMPLE}\""
         ));
     }
     let port = url.port().unwrap_or(6379);

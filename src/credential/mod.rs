@@ -105,7 +105,12 @@ impl Credential {
                     .clone();
                 resources.metrics.register_credential(&Arc::from(name));
                 let shared = resources.cluster.and_then(|cluster| {
-                    let identity = format!("{}\n{}\n{}", s.token_url, s.client_id, s.audience);
+                    // Everything that decides which token the endpoint issues and how it is
+                    // checked: a change (a new scope, say) never adopts the old token.
+                    let identity = format!(
+                        "{}\n{}\n{}\n{:?}\n{}\n{}",
+                        s.token_url, s.client_id, s.audience, s.extra_params, s.issuer, s.jwks_url
+                    );
                     cluster.shared_tokens(name, &identity, &s.client_secret)
                 });
                 Kind::OAuth(Arc::new(

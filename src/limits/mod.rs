@@ -9,10 +9,11 @@
 //! pays no lookup; [`admit`] then checks them all in one place, in an order that spends nothing
 //! it cannot give back.
 //!
-//! Files: `rate` (GCRA from `governor`), `in_flight` (the concurrency cap), `throttle` (upstream
+//! Files: `rate` (a limiter on the GCRA of `gcra`), `in_flight` (the concurrency cap), `throttle` (upstream
 //! pauses), `headers` (the IETF `RateLimit` fields), `recent` (per-second counts for the status
 //! page). Everything a request touches is an atomic; nothing here locks.
 
+mod gcra;
 pub mod headers;
 pub mod in_flight;
 pub mod rate;

@@ -1,30 +1,20 @@
-//! A rate limiter for one key (a client, or a route for all its clients together): `governor`'s
-//! GCRA, which keeps one atomic word of state and decides without a lock, plus the numbers the
-//! `RateLimit` header fields and the status page need.
+//! A rate limiter for one key (a client, or a route for all its clients together): a GCRA
+//! (`gcra.rs`) that keeps one atomic word of state and decides without a lock, plus the numbers
+//! the `RateLimit` header fields and the status page need.
 //!
-//! In a fleet (`[cluster]`) each replica enforces its share of the limit. The GCRA is built in
-//! cells, [`CELLS_PER_REQUEST`] to a request at the full rate; a replica with share `s` charges
-//! `CELLS_PER_REQUEST / s` cells per request, so its share changes every `sync_interval` without
-//! rebuilding the limiter or forgetting what was spent.
+//! In a fleet (`[cluster]`) each replica enforces its share of the limit: `interval / share` per
+//! request and `burst × share` at once, changed every `sync_interval` without forgetting what was
+//! spent.
 
 use std::fmt;
-use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use governor::clock::{Clock, MonotonicClock, Reference};
-use governor::middleware::StateInformationMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::Quota;
 
+use super::gcra::{nanos, Gcra, Verdict};
 use super::recent::RecentCounts;
 use crate::config::RateSettings;
-
-type Gcra<C> = governor::RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
-
-/// Cells a request costs at a share of 1 (alone, or in a fleet with the whole limit). A share is
-/// then exact to 0.1 %.
-pub const CELLS_PER_REQUEST: u32 = 1000;
 
 /// A GCRA limiter: `settings.rate` sustained, up to `settings.burst` at once.
 ///
@@ -35,13 +25,12 @@ pub struct RateLimiter<C: Clock = MonotonicClock> {
     policy: &'static str,
     /// This limiter's `RateLimit-Policy` item, built once: it says only what the settings say.
     policy_field: http::HeaderValue,
-    gcra: Gcra<C>,
-    /// Cells per request: [`CELLS_PER_REQUEST`] divided by this replica's share.
-    cost: AtomicU32,
-    /// The most a request may cost: the whole burst (the GCRA cannot charge more at once).
-    max_cost: u32,
+    gcra: Gcra,
+    /// This replica's share of the limit, as `f64` bits (1 alone).
+    share: AtomicU64,
     /// Requests checked, admitted or not: the fleet divides the limit by this demand.
     offered: AtomicU64,
+    clock: C,
     start: C::Instant,
     admitted: RecentCounts,
     refused: RecentCounts,
@@ -122,14 +111,6 @@ impl RateLimiter {
 impl<C: Clock> RateLimiter<C> {
     /// A limiter on `clock`.
     pub fn with_clock(policy: &'static str, settings: RateSettings, clock: C) -> Self {
-        // `Rate::parse` guarantees an interval of at least a microsecond, so `with_period` (which
-        // refuses only zero) always has a quota; the fallback is the rate's own limit anyway.
-        // `MAX_BURST` × `CELLS_PER_REQUEST` fits a u32, and a rate's interval is at least a
-        // microsecond, so a cell's interval is at least a nanosecond.
-        let cells = settings.burst.saturating_mul(CELLS);
-        let quota = Quota::with_period(settings.rate.interval() / CELLS_PER_REQUEST)
-            .unwrap_or_else(|| Quota::per_second(settings.rate.count().saturating_mul(CELLS)))
-            .allow_burst(cells);
         let start = clock.now();
         let rate = settings.rate;
         let policy_field = http::HeaderValue::try_from(format!(
@@ -143,11 +124,10 @@ impl<C: Clock> RateLimiter<C> {
             settings,
             policy,
             policy_field,
-            gcra: governor::RateLimiter::direct_with_clock(quota, clock)
-                .with_middleware::<StateInformationMiddleware>(),
-            cost: AtomicU32::new(CELLS_PER_REQUEST),
-            max_cost: cells.get(),
+            gcra: Gcra::new(settings.rate.interval(), settings.burst.get()),
+            share: AtomicU64::new(1f64.to_bits()),
             offered: AtomicU64::new(0),
+            clock,
             start,
             admitted: RecentCounts::default(),
             refused: RecentCounts::default(),
@@ -157,67 +137,48 @@ impl<C: Clock> RateLimiter<C> {
     /// Takes one request from the limiter, or says how long until one would pass.
     pub fn check(&self) -> Result<Allowed, Refused> {
         self.offered.fetch_add(1, Ordering::Relaxed);
-        let cost = self.cost.load(Ordering::Relaxed);
-        let outcome = self.gcra.check_n(NonZeroU32::new(cost).unwrap_or(CELLS));
-        let now = self.gcra.clock().now();
-        let second = self.second(now);
-        match outcome {
-            Ok(Ok(snapshot)) => {
+        let elapsed = Duration::from(self.clock.now().duration_since(self.start));
+        let second = elapsed.as_secs();
+        match self.gcra.check(nanos(elapsed)) {
+            Verdict::Allowed { remaining } => {
                 self.admitted.add(second);
                 Ok(Allowed {
-                    remaining: snapshot.remaining_burst_capacity() / cost,
-                    reset: self.local_interval(cost),
+                    remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
+                    reset: self.gcra.interval(),
                 })
             }
-            Ok(Err(not_until)) => {
+            Verdict::Refused { wait } => {
                 self.refused.add(second);
-                Err(Refused {
-                    retry_after: not_until.wait_time_from(now),
-                })
-            }
-            // `set_share` never charges more than the burst; should it ever, the request waits
-            // one interval like any refused one.
-            Err(_) => {
-                self.refused.add(second);
-                Err(Refused {
-                    retry_after: self.local_interval(cost),
-                })
+                Err(Refused { retry_after: wait })
             }
         }
     }
 
-    /// Sets this replica's share of the limit (0 < share ≤ 1; 1 alone). A share below what one
-    /// request of the burst allows (1 / burst) is raised to it: a replica always lets a request
-    /// through now and then.
+    /// Sets this replica's share of the limit (0 < share ≤ 1; 1 alone): it enforces
+    /// `interval / share` per request and `burst × share` at once (one request at a time when
+    /// that is less than one).
     pub fn set_share(&self, share: f64) {
         let share = if share.is_finite() {
             share.clamp(1e-6, 1.0)
         } else {
             1.0
         };
-        let cost = (f64::from(CELLS_PER_REQUEST) / share).round();
-        let cost = (cost as u32).clamp(CELLS_PER_REQUEST, self.max_cost.max(CELLS_PER_REQUEST));
-        self.cost.store(cost, Ordering::Relaxed);
+        if self.share.swap(share.to_bits(), Ordering::Relaxed) == share.to_bits() {
+            return;
+        }
+        let interval = self.settings.rate.interval().div_f64(share);
+        self.gcra
+            .set(interval, f64::from(self.settings.burst.get()) * share);
     }
 
     /// This replica's share of the limit (1 unless a fleet divides it).
     pub fn share(&self) -> f64 {
-        f64::from(CELLS_PER_REQUEST) / f64::from(self.cost.load(Ordering::Relaxed).max(1))
+        f64::from_bits(self.share.load(Ordering::Relaxed))
     }
 
     /// Requests checked since the limiter was built, admitted or refused.
     pub fn offered(&self) -> u64 {
         self.offered.load(Ordering::Relaxed)
-    }
-
-    /// One interval of the rate this replica enforces at `cost` cells per request.
-    fn local_interval(&self, cost: u32) -> Duration {
-        let interval = self.settings.rate.interval();
-        if cost == CELLS_PER_REQUEST {
-            interval
-        } else {
-            interval.mul_f64(f64::from(cost) / f64::from(CELLS_PER_REQUEST))
-        }
     }
 
     /// The settings the limiter was built from.
@@ -237,7 +198,7 @@ impl<C: Clock> RateLimiter<C> {
 
     /// Requests admitted and refused over the last complete seconds.
     pub fn observed(&self) -> ObservedRate {
-        let second = self.second(self.gcra.clock().now());
+        let second = self.second(self.clock.now());
         let (admitted, window) = self.admitted.sum(second);
         let (refused, _) = self.refused.sum(second);
         ObservedRate {
@@ -251,11 +212,6 @@ impl<C: Clock> RateLimiter<C> {
         Duration::from(now.duration_since(self.start)).as_secs()
     }
 }
-
-const CELLS: NonZeroU32 = match NonZeroU32::new(CELLS_PER_REQUEST) {
-    Some(cells) => cells,
-    None => panic!("CELLS_PER_REQUEST is not zero"),
-};
 
 impl<C: Clock> fmt::Debug for RateLimiter<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

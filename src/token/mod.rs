@@ -485,6 +485,10 @@ impl OAuthCredential {
         let publish = match &self.shared {
             Some(shared) => match self.ask_fleet(shared, trigger == "forced").await {
                 shared::FromFleet::Adopted(token) => return self.adopt(token),
+                shared::FromFleet::Kept => {
+                    self.attempts.send_modify(|n| *n += 1);
+                    return;
+                }
                 shared::FromFleet::Fetch(publish) => Some((shared, publish)),
             },
             None => None,
@@ -499,15 +503,11 @@ impl OAuthCredential {
         }
         let mut status = CredentialStatus::clone(&self.status.load());
         status.attempts += 1;
-        match (&result, publish) {
-            (Ok(token), Some((shared, how))) => self.publish(shared, token, how).await,
-            (Err(_), Some((shared, how))) => self.abandon(shared, how).await,
-            _ => {}
-        }
+        let mut obtained = None;
         match result {
             Ok(token) => {
                 self.count_outcome("ok");
-                self.install(token, &mut status, "token obtained");
+                obtained = Some(self.install(token, &mut status, "token obtained"));
             }
             Err(e) => {
                 self.count_outcome(e.outcome());
@@ -529,19 +529,30 @@ impl OAuthCredential {
         }
         self.status.store(Arc::new(status));
         self.attempts.send_modify(|n| *n += 1);
+        // Shared after it is served: waiting requests never wait on Redis for it.
+        match (obtained, publish) {
+            (Some(token), Some((shared, how))) => self.publish(shared, &token, how).await,
+            (None, Some((shared, how))) => self.abandon(shared, how).await,
+            _ => {}
+        }
     }
 
     /// Installs a verified token another replica fetched: no token request was made.
     fn adopt(&self, token: Token) {
         let mut status = CredentialStatus::clone(&self.status.load());
-        self.install(token, &mut status, "token taken from the fleet");
+        let _ = self.install(token, &mut status, "token taken from the fleet");
         self.status.store(Arc::new(status));
         self.shared_adoptions.inc();
         self.attempts.send_modify(|n| *n += 1);
     }
 
     /// Serves `token` from now on and clears the failure state in `status`.
-    fn install(&self, token: Token, status: &mut CredentialStatus, how: &'static str) {
+    fn install(
+        &self,
+        token: Token,
+        status: &mut CredentialStatus,
+        how: &'static str,
+    ) -> Arc<Token> {
         status.valid_until = Some(token.expires_at);
         status.last_refresh = Some(token.obtained_at);
         status.consecutive_failures = 0;
@@ -552,8 +563,10 @@ impl OAuthCredential {
             expires_in_s = token.expires_at.duration_since(SystemTime::now()).unwrap_or_default().as_secs(),
             "{how}"
         );
-        self.token.store(Some(Arc::new(token)));
+        let token = Arc::new(token);
+        self.token.store(Some(Arc::clone(&token)));
         self.held.store(true, Ordering::Release);
+        token
     }
 
     fn count_outcome(&self, outcome: &'static str) {

@@ -3,12 +3,13 @@
 //! up what it publishes. Every token read from Redis is verified like a fetched one.
 //!
 //! ```text
-//!  attempt ─► read entry ──usable──────────────────────────────────► adopt (no token request)
+//!  attempt ─► read entry ──usable───────────────────────────────────► adopt (no token request)
 //!                │ none / due / rejected / refused
-//!                ├─ forced? ─► fleet budget ─spent─► wait for the winner's token ─► adopt
-//!                │                  └─won─► fetch ─► publish (only over the rejected token)
+//!                ├─ forced? ─► fleet budget ─won──► fetch ─► publish (only over what it read)
+//!                │                  └─spent─► serve the fleet's token, even the refused one,
+//!                │                            and adopt the winner's when it is shared
 //!                └─► lease ─won─► read again (published meanwhile? adopt) ─► fetch ─► publish
-//!                       └─held─► poll entry until published or the lease ends ─► adopt / lease
+//!                       └─held─► poll until published (adopt) or the lease is free (take it)
 //!  Redis fails at any step ─► fetch on its own (the store logs it; nothing waits past timeout)
 //! ```
 
@@ -24,7 +25,8 @@ use crate::cluster::tokens::Entry;
 use crate::cluster::SharedTokens;
 use crate::metrics::VerificationLabels;
 
-/// How often a replica waiting for another's fetch looks at the entry.
+/// How often a replica waiting for another's fetch looks at the entry (quietly: a refused entry
+/// is logged and counted once per attempt, not once per look).
 const POLL: Duration = Duration::from_millis(25);
 
 /// The sealed plaintext: the token and the schedule its fetcher computed, so every replica
@@ -43,24 +45,37 @@ struct SharedEntry {
 pub(super) enum FromFleet {
     /// A verified token another replica fetched: nothing to fetch.
     Adopted(Token),
+    /// Nothing to fetch and nothing new: keep serving what the replica has (another replica
+    /// spent the fleet's forced refresh and has not shared its token yet).
+    Kept,
     /// Fetch one; then share it as `Publish` says.
     Fetch(Publish),
 }
 
 /// How to share a token this replica fetched.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Default)]
 pub(super) struct Publish {
-    /// The entry it replaces (`None`: there was none, or it is unknown).
-    replaces: Option<Fingerprint>,
+    /// The raw entry it replaces, which must still be there unchanged (`None`: there was none).
+    replaces: Option<Vec<u8>>,
     /// This replica holds the lease and frees it after publishing.
     leased: bool,
 }
 
 /// What the entry is worth to this replica.
 enum Read {
-    Usable(Token),
-    /// Replace it (due, rejected, refused or absent: `None`).
-    Replace(Option<Fingerprint>),
+    /// A verified token to serve, and its fingerprint.
+    Usable(Token, Fingerprint),
+    /// Replace it (due, rejected or refused: its raw bytes; absent: `None`).
+    Replace(Option<Vec<u8>>),
+}
+
+/// Which entries a replica takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// One not yet due for refresh (any valid one while this replica has no token).
+    Fresh,
+    /// Any valid one, due or not.
+    AnyValid,
 }
 
 /// Redis did not answer; the store has logged it.
@@ -70,8 +85,8 @@ impl OAuthCredential {
     /// Before a fetch: a token from the fleet, or the go-ahead to fetch (see the module doc).
     pub(super) async fn ask_fleet(&self, shared: &SharedTokens, forced: bool) -> FromFleet {
         let rejected = if forced { self.rejected() } else { None };
-        let seen = match self.read_shared(shared, rejected, false).await {
-            Ok(Read::Usable(token)) => return FromFleet::Adopted(token),
+        let seen = match self.read_shared(shared, rejected, Want::Fresh, true).await {
+            Ok(Read::Usable(token, _)) => return FromFleet::Adopted(token),
             Ok(Read::Replace(seen)) => seen,
             Err(Unavailable) => return FromFleet::Fetch(Publish::default()),
         };
@@ -81,73 +96,83 @@ impl OAuthCredential {
                     replaces: seen,
                     leased: false,
                 }),
-                Ok(false) => self.await_forced(shared, rejected).await,
-                Err(_) => FromFleet::Fetch(Publish::default()),
+                Ok(false) => self.after_spent_budget(shared, rejected).await,
+                Err(_) => {
+                    // It may have been spent there all the same; a spent budget only delays the
+                    // others' forced refresh, it never stops a fetch.
+                    FromFleet::Fetch(Publish {
+                        replaces: seen,
+                        leased: false,
+                    })
+                }
             };
         }
         self.lease_or_wait(shared, seen).await
     }
 
     /// After a fetch: shares the token and frees the lease. Failures are logged by the store;
-    /// the token is served either way.
+    /// the token is served either way (it was installed before this runs).
     pub(super) async fn publish(&self, shared: &SharedTokens, token: &Token, how: Publish) {
         let now = SystemTime::now();
         let wall = super::wall_clock(now, Instant::now());
-        let Some(jwt) = bearer(&token.authorization) else {
-            return;
-        };
-        let serve_until = wall(token.serve_until);
-        let entry = SharedEntry {
-            access_token: jwt.to_owned(),
-            obtained_at_ms: unix_ms(token.obtained_at),
-            serve_until_ms: unix_ms(serve_until),
-            refresh_due_ms: unix_ms(wall(token.refresh_due)),
-            scope: token.scope.clone(),
-        };
-        let ttl = serve_until.duration_since(now).unwrap_or_default();
-        if let Ok(plain) = serde_json::to_vec(&entry) {
-            let fingerprint = shared.fingerprint(jwt);
-            match shared
-                .publish(&fingerprint, &plain, ttl, how.replaces.as_ref())
-                .await
-            {
-                Ok(true) => {
-                    tracing::debug!(credential = %self.name, "token shared with the fleet")
+        if let Some(jwt) = bearer(&token.authorization) {
+            let serve_until = wall(token.serve_until);
+            let entry = SharedEntry {
+                access_token: jwt.to_owned(),
+                obtained_at_ms: unix_ms(token.obtained_at),
+                serve_until_ms: unix_ms(serve_until),
+                refresh_due_ms: unix_ms(wall(token.refresh_due)),
+                scope: token.scope.clone(),
+            };
+            let ttl = serve_until.duration_since(now).unwrap_or_default();
+            if let Ok(plain) = serde_json::to_vec(&entry) {
+                let fingerprint = shared.fingerprint(jwt);
+                match shared
+                    .publish(&fingerprint, &plain, ttl, how.replaces.as_deref())
+                    .await
+                {
+                    Ok(true) => {
+                        tracing::debug!(credential = %self.name, "token shared with the fleet")
+                    }
+                    Ok(false) => tracing::debug!(
+                        credential = %self.name,
+                        "another replica shared a token meanwhile; kept the fleet's"
+                    ),
+                    Err(_) => {}
                 }
-                Ok(false) => tracing::debug!(
-                    credential = %self.name,
-                    "another replica shared a token meanwhile; kept the fleet's"
-                ),
-                Err(_) => {}
             }
         }
-        if how.leased {
-            let _ = shared.release_lease().await;
-        }
+        self.abandon(shared, how).await;
     }
 
     /// Frees the lease after a failed fetch, so another replica may try at once.
     pub(super) async fn abandon(&self, shared: &SharedTokens, how: Publish) {
-        if how.leased {
-            let _ = shared.release_lease().await;
+        if how.leased && shared.release_lease().await.is_err() {
+            shared.release_lease_later();
         }
     }
 
-    /// Takes the lease and fetches, or waits for the holder's token.
-    async fn lease_or_wait(
-        &self,
-        shared: &SharedTokens,
-        mut seen: Option<Fingerprint>,
-    ) -> FromFleet {
+    /// Takes the lease and fetches, or waits for the holder's token. A holder that dies leaves
+    /// the lease to expire, and then exactly one waiter takes it over (`SET NX`).
+    async fn lease_or_wait(&self, shared: &SharedTokens, mut seen: Option<Vec<u8>>) -> FromFleet {
         let lease = self.lease_ttl();
-        let deadline = Instant::now() + lease;
+        // Each holder's lease ends within `lease`; waiting through several of them means Redis
+        // keeps leases it should not (a key without expiry, say).
+        let give_up = Instant::now() + lease * 3;
         loop {
             match shared.try_lease(lease).await {
                 Ok(true) => {
                     // A holder may have published and released between our read and the lease.
-                    return match self.read_shared(shared, None, false).await {
-                        Ok(Read::Usable(token)) => {
-                            let _ = shared.release_lease().await;
+                    return match self.read_shared(shared, None, Want::Fresh, false).await {
+                        Ok(Read::Usable(token, _)) => {
+                            self.abandon(
+                                shared,
+                                Publish {
+                                    replaces: None,
+                                    leased: true,
+                                },
+                            )
+                            .await;
                             FromFleet::Adopted(token)
                         }
                         Ok(Read::Replace(now_seen)) => FromFleet::Fetch(Publish {
@@ -161,82 +186,102 @@ impl OAuthCredential {
                     };
                 }
                 Ok(false) => {}
-                Err(_) => return FromFleet::Fetch(Publish::default()),
+                Err(_) => {
+                    // The lease may have been set there after our deadline passed here.
+                    shared.release_lease_later();
+                    return FromFleet::Fetch(Publish {
+                        replaces: seen,
+                        leased: false,
+                    });
+                }
             }
-            if Instant::now() >= deadline {
-                // The holder neither published nor let go: fetch without it.
+            if Instant::now() >= give_up {
                 return FromFleet::Fetch(Publish {
                     replaces: seen,
                     leased: false,
                 });
             }
             tokio::time::sleep(POLL).await;
-            match self.read_shared(shared, None, false).await {
-                Ok(Read::Usable(token)) => return FromFleet::Adopted(token),
+            match self.read_shared(shared, None, Want::Fresh, false).await {
+                Ok(Read::Usable(token, _)) => return FromFleet::Adopted(token),
                 Ok(Read::Replace(now_seen)) => seen = now_seen,
-                Err(Unavailable) => return FromFleet::Fetch(Publish::default()),
+                Err(Unavailable) => {
+                    return FromFleet::Fetch(Publish {
+                        replaces: seen,
+                        leased: false,
+                    })
+                }
             }
         }
     }
 
-    /// Another replica spent the fleet's forced refresh: wait for the token it publishes. If none
-    /// comes within a lease, serve the entry as it is (the 401s go back to the clients, as when
-    /// a single proxy's budget is spent) rather than refresh again.
-    async fn await_forced(
+    /// Another replica spent the fleet's forced refresh. Serve what the fleet holds meanwhile,
+    /// even the token this replica saw refused (a single proxy whose budget is spent keeps its
+    /// token and lets the 401 through), and take the winner's token when it is shared. With
+    /// nothing valid to serve, one replica fetches for the fleet under the lease.
+    async fn after_spent_budget(
         &self,
         shared: &SharedTokens,
         rejected: Option<Fingerprint>,
     ) -> FromFleet {
+        match self.read_shared(shared, None, Want::AnyValid, false).await {
+            Ok(Read::Usable(token, fingerprint)) if Some(fingerprint) != rejected => {
+                return FromFleet::Adopted(token)
+            }
+            Ok(Read::Usable(token, _)) => self.adopt(token),
+            Ok(Read::Replace(seen)) => return self.lease_or_wait(shared, seen).await,
+            Err(Unavailable) => return FromFleet::Fetch(Publish::default()),
+        }
         let deadline = Instant::now() + self.lease_ttl();
         while Instant::now() < deadline {
             tokio::time::sleep(POLL).await;
-            match self.read_shared(shared, rejected, false).await {
-                Ok(Read::Usable(token)) => return FromFleet::Adopted(token),
+            match self.read_shared(shared, rejected, Want::Fresh, false).await {
+                Ok(Read::Usable(token, _)) => return FromFleet::Adopted(token),
                 Ok(Read::Replace(_)) => {}
-                Err(Unavailable) => return FromFleet::Fetch(Publish::default()),
+                Err(Unavailable) => break,
             }
         }
-        match self.read_shared(shared, None, true).await {
-            Ok(Read::Usable(token)) => FromFleet::Adopted(token),
-            _ => FromFleet::Fetch(Publish::default()),
-        }
+        FromFleet::Kept
     }
 
-    /// Reads and judges the entry. Usable: it opens, verifies, is not `rejected`, and is not
-    /// due for refresh unless this replica has no token at all (or `any_valid`).
+    /// Reads and judges the entry: usable when it opens, verifies, is not `rejected` and is what
+    /// `want` asks for. `loud`: say why an entry is refused (once per attempt, not per poll).
     async fn read_shared(
         &self,
         shared: &SharedTokens,
         rejected: Option<Fingerprint>,
-        any_valid: bool,
+        want: Want,
+        loud: bool,
     ) -> Result<Read, Unavailable> {
-        let entry = match shared.read().await {
-            Ok(Some(entry)) => entry,
+        let read = match shared.read().await {
+            Ok(Some(read)) => read,
             Ok(None) => return Ok(Read::Replace(None)),
             Err(_) => return Err(Unavailable),
         };
-        let (fingerprint, plain) = match entry {
-            Entry::Opened(fingerprint, plain) => (fingerprint, plain),
-            Entry::Refused(why, fingerprint) => {
-                tracing::warn!(
-                    credential = %self.name,
-                    reason = %why,
-                    "refused the fleet's shared token entry; fetching a token of our own"
-                );
-                return Ok(Read::Replace(fingerprint));
+        let (fingerprint, plain) = match &read.entry {
+            Entry::Opened(fingerprint, plain) => (*fingerprint, plain),
+            Entry::Refused(why) => {
+                if loud {
+                    tracing::warn!(
+                        credential = %self.name,
+                        reason = %why,
+                        "refused the fleet's shared token entry; fetching a token of our own"
+                    );
+                }
+                return Ok(Read::Replace(Some(read.raw)));
             }
         };
         if rejected == Some(fingerprint) {
-            return Ok(Read::Replace(Some(fingerprint)));
+            return Ok(Read::Replace(Some(read.raw)));
         }
-        let Some(token) = self.verify_shared(&fingerprint, &plain, shared).await else {
-            return Ok(Read::Replace(Some(fingerprint)));
+        let Some(token) = self.verify_shared(&fingerprint, plain, shared, loud).await else {
+            return Ok(Read::Replace(Some(read.raw)));
         };
         let cold = self.current().is_none();
-        if token.refresh_due > Instant::now() || cold || any_valid {
-            Ok(Read::Usable(token))
+        if token.refresh_due > Instant::now() || cold || want == Want::AnyValid {
+            Ok(Read::Usable(token, fingerprint))
         } else {
-            Ok(Read::Replace(Some(fingerprint)))
+            Ok(Read::Replace(Some(read.raw)))
         }
     }
 
@@ -247,6 +292,7 @@ impl OAuthCredential {
         fingerprint: &Fingerprint,
         plain: &[u8],
         shared: &SharedTokens,
+        loud: bool,
     ) -> Option<Token> {
         let entry: SharedEntry = serde_json::from_slice(plain).ok()?;
         if shared.fingerprint(&entry.access_token) != *fingerprint {
@@ -254,6 +300,10 @@ impl OAuthCredential {
         }
         let claims = match self.jwks.verify(&entry.access_token, &self.expect).await {
             Ok(claims) => claims,
+            Err(e) if !loud => {
+                tracing::debug!(credential = %self.name, reason = e.reason(), "shared token still fails verification");
+                return None;
+            }
             Err(e) => {
                 self.count_verification_failure(&e);
                 tracing::warn!(

@@ -40,7 +40,10 @@ const KUSTOMIZATION_FIELDS: [&str; 6] = [
 const MERGED_BY_NAME: [&str; 4] = ["containers", "initContainers", "env", "volumes"];
 
 fn fleet_dir() -> PathBuf {
-    super::repo().join("deploy").join("kubernetes").join("fleet")
+    super::repo()
+        .join("deploy")
+        .join("kubernetes")
+        .join("fleet")
 }
 
 /// `path` relative to deploy/kubernetes/fleet, for messages.
