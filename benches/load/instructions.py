@@ -18,6 +18,9 @@ that sets the proxy apart from the floor, not the syscalls they share.
   growth   the proxy with 10 clients and 10 routes, 1,000 clients and 10 routes, and 10 clients
            and 1,000 routes (scenarios.py's `growth`), loaded through every route in turn
            (`h2load -i`) with one client key (`x-api-key: bench-key-7`);
+  growth-spread  the same proxies loaded as the `growth` scenario loads them: `wrk -c8` with
+           spread.lua (a random route and client key per request) for 30 s, the requests
+           counted by the upstream, so every client's and route's metric series is reached;
   tracing  the proxy with its admin listener and no [telemetry], with `sample_ratio` 0.01 and 1.0
            exporting to examples/bench_otlp_sink.rs (the dump waits 5 s after the load, so the
            export of its spans is counted), and with `--proxy-before BIN` that build without
@@ -46,6 +49,8 @@ import setups  # noqa: E402
 
 bench.use_binaries(os.environ.get("PROFILE_TARGET", os.path.join(bench.ROOT, "target", "release")))
 WARM_UP = 2000
+# The `growth-spread` load's length: about 20,000 requests at callgrind's pace.
+SPREAD_SECONDS = 30
 TOP = 25
 
 
@@ -80,11 +85,28 @@ def malloc_calls(path):
     return calls
 
 
-def measure(workdir, name, process, url, n, args=(), settle=0.0):
-    load(url, WARM_UP, args)
+def spread(env, url, seconds, routes, keys):
+    """wrk with spread.lua (a random route and client key per request) for `seconds`; returns
+    how many requests the upstream answered meanwhile."""
+    served0 = bench.upstream_served(env)
+    with scenarios.spread_env(routes, keys):
+        subprocess.run(["wrk", "-t1", "-c8", f"-d{seconds}s", "-s", scenarios.SPREAD_LUA, url],
+                       capture_output=True, check=True)
+    return bench.upstream_served(env) - served0
+
+
+def measure(workdir, name, process, url, n, args=(), settle=0.0, spread_load=None):
+    """`spread_load(seconds)` replaces h2load: the requests are then those it reports."""
+    if spread_load:
+        spread_load(10)
+    else:
+        load(url, WARM_UP, args)
     subprocess.run(["callgrind_control", "--zero", str(process.pid)], capture_output=True,
                    check=True)
-    load(url, n, args)
+    if spread_load:
+        n = spread_load(SPREAD_SECONDS)
+    else:
+        load(url, n, args)
     time.sleep(settle)
     before = set(glob.glob(os.path.join(workdir, f"cg.{name}.*")))
     subprocess.run(["callgrind_control", "--dump=measured", str(process.pid)],
@@ -96,7 +118,8 @@ def measure(workdir, name, process, url, n, args=(), settle=0.0):
     with open(path) as f:
         total = next(int(l.split()[1]) for l in f if l.startswith("totals:"))
     bench.stop(process)
-    return path, total / n, malloc_calls(path) / n
+    print(f"{name}: {n} requests measured", file=sys.stderr, flush=True)
+    return path, total / n, malloc_calls(path) / n, n
 
 
 def top_functions(path, n):
@@ -118,7 +141,8 @@ def top_functions(path, n):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("requests", type=int, nargs="?", default=20_000)
-    ap.add_argument("--variants", default="default", help="comma-separated: default, growth, tracing")
+    ap.add_argument("--variants", default="default",
+                    help="comma-separated: default, growth, growth-spread, tracing")
     ap.add_argument("--proxy-before", help="tracing: also count this build (from before [telemetry])")
     a = ap.parse_args()
     n = a.requests
@@ -154,6 +178,17 @@ def main():
                 results.append((f"sitecore-auth-proxy ({clients} clients, {routes} routes)",
                                 *measure(env.workdir, name, proxy, None, n,
                                          ["-i", uris, "-H", "x-api-key: bench-key-7"])))
+        if "growth-spread" in variants:
+            for clients, routes in ((10, 10), (1000, 10), (10, 1000)):
+                name = f"proxy-spread-{clients}c-{routes}r"
+                text = lambda pt, c=clients, r=routes: setups.proxy_text(  # noqa: E731
+                    pt, emulator, [(f"/r{i}", f"http://127.0.0.1:{env.upstream_port}/b{i}") for i in range(r)],
+                    clients=c)
+                proxy, port = bench.start_proxy(env, name, emulator, wrap=callgrind(name), config=text)
+                url = f"http://127.0.0.1:{port}/"
+                results.append((f"sitecore-auth-proxy ({clients} clients, {routes} routes, spread.lua)",
+                                *measure(env.workdir, name, proxy, url, n, spread_load=lambda s, u=url, c=clients,
+                                         r=routes: spread(env, u, s, r, c))))
         if "tracing" in variants:
             out = env.path("sink.out")
             bench.spawn([bench.SINK_BIN, "127.0.0.1:0"], open(out, "w"))
@@ -183,16 +218,17 @@ def main():
                             *measure(env.workdir, "floor", floor, f"http://127.0.0.1:{port}"
                                      f"{bench.CLIENT_PATH}", n)))
 
-        print(f"{n} requests, `h2load --h1 -c8`, after {WARM_UP} warm-up requests\n")
+        print(f"{n} requests, `h2load --h1 -c8`, after {WARM_UP} warm-up requests (growth-spread: "
+              f"wrk for {SPREAD_SECONDS} s after 10 s, the requests the upstream counted)\n")
         print("| contender | instructions/request | malloc/request |")
         print("|---|---|---|")
-        for label, _, ir, mallocs in results:
+        for label, _, ir, mallocs, _ in results:
             print(f"| {label} | {ir:,.0f} | {mallocs:.1f} |")
         # The first row's functions; with other variants, every proxy row's.
         shown = results[:1] if variants == ["default"] else [r for r in results if "floor" not in r[0]]
-        for label, path, _, _ in shown:
+        for label, path, _, _, requests in shown:
             print(f"\n{label}: the proxy's functions, inclusive instructions per request, from {path}:\n")
-            for cost, fn in top_functions(path, n):
+            for cost, fn in top_functions(path, requests):
                 print(f"{cost:9,.0f}  {fn}")
     finally:
         bench.stop_all()
