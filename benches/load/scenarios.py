@@ -13,9 +13,11 @@ ratios from the same run, and stops them again.
                  upstream, keep-alive on both sides.
   tls-handshake  TLS from the clients, one request per connection: `resume` (wrk with
                  `Connection: close`: a new TCP connection and a resumed TLS 1.3 handshake per
-                 request, wrk keeps the session) and `full` (batches of `h2load --h1 -n64 -c64`:
-                 64 connections at once, each a full handshake and one request). Whether each
-                 contender resumes sessions at all is checked once with Python's ssl module.
+                 request, wrk keeps the session), `resume-c400` (the same with 400 clients, more
+                 than rustls's default server session cache of 256 holds) and `full` (batches of
+                 `h2load --h1 -n64 -c64`: 64 connections at once, each a full handshake and one
+                 request). Whether each contender resumes sessions at all is checked once with
+                 Python's ssl module.
   many           1,000 [[clients]] (key_sha256) and 200 routes, requests spread over both (wrk
                  with spread.lua: a random route and a random client key per request; h2load
                  cycles through the 200 routes with one key). nginx: 200 `location` blocks and a
@@ -51,8 +53,10 @@ ALL = ("tls-upstream", "tls-client", "tls-handshake", "many", "growth", "tracing
 SPREAD_LUA = os.path.join(b.HERE, "spread.lua")
 # Connections opened at once per `h2load` batch of the `full` handshake load.
 HANDSHAKE_BATCH = 64
-# Connections of the `resume` load (wrk, `Connection: close`).
+# Connections of the `resume` load (wrk, `Connection: close`), and of `resume-c400`: more
+# clients reconnecting than rustls's default server session cache holds (256 sessions).
 RESUME_CONNS = 16
+RESUME_MANY = 400
 # How long the tracing rows wait after a run before reading the sink: the proxy's batch
 # processor sends what it holds at least every 2 s.
 TRACE_SETTLE_S = 3.0
@@ -317,11 +321,12 @@ def tls_client(env, emulator, tls, a, reps, duration):
 
 def tls_handshake(env, emulator, tls, a, reps, duration):
     front = tls_front(env, emulator, tls, plain_upstream(env))
-    contenders = [Contender(n, p, {"resume": f"https://127.0.0.1:{port}{path}", "full": f"https://127.0.0.1:{port}{path}"},
+    contenders = [Contender(n, p, {load: f"https://127.0.0.1:{port}{path}" for load in ("resume", "resume-c400", "full")},
                             up, role) for n, p, port, up, role, path in front]
     resumption = {n: resumes(port) for n, _, port, _, _, _ in front}
     warm_up(contenders)
     loads = {"resume": wrk_load(RESUME_CONNS, duration, ["-H", "Connection: close"]),
+             "resume-c400": wrk_load(RESUME_MANY, duration, ["-H", "Connection: close"]),
              "full": lambda url: run_full_handshakes(url, duration)}
     results = interleave("tls-handshake", contenders, loads, reps)
     stop(contenders)
@@ -331,6 +336,8 @@ def tls_handshake(env, emulator, tls, a, reps, duration):
                  notes={"resume": f"wrk -t1 -c{RESUME_CONNS} -H 'Connection: close': each request on a new "
                                   "connection; wrk keeps the TLS session, so each handshake is a resumed TLS 1.3 one "
                                   "(PSK with ECDHE)",
+                        "resume-c400": f"the same with -c{RESUME_MANY}: more clients reconnecting than rustls's "
+                                       "default server session cache (256) holds",
                         "full": f"h2load --h1 -n{HANDSHAKE_BATCH} -c{HANDSHAKE_BATCH} in a loop: each connection a "
                                 "full handshake (ECDSA P-256 certificate) and one request; req/s counts the time "
                                 "h2load ran, not the gaps between batches; no p50/p99, the mean and max time to "
