@@ -5,17 +5,25 @@
 //! and HTTP/2 servers and the upstream with hyper's HTTP/1.1 client. Like the nginx contender it
 //! rewrites `/deploy` to the upstream's `/base` and sets a static `Authorization` header.
 //!
-//! It has none of the proxy's own work: no route table, path check or header hygiene, no token
-//! cache, no access log, metrics, request ids, limits or timeouts. So its CPU time per request is
-//! what hyper and tokio cost for this job on this machine, and the proxy's excess over it is the
-//! proxy's own. It is a measuring stick, not a proxy to deploy.
+//! It has none of the proxy's own work: no route table, path check or header hygiene (beyond
+//! dropping the client's `Connection` header, as nginx does), no token cache, no access log,
+//! metrics, request ids, limits or timeouts. So its CPU time per request is what hyper and tokio
+//! cost for this job on this machine, and the proxy's excess over it is the proxy's own. It is a
+//! measuring stick, not a proxy to deploy.
 //!
 //! ```text
-//! cargo run --release --example bench_hyper_floor -- UPSTREAM_ADDR BEARER_TOKEN [THREADS]
+//! cargo run --release --example bench_hyper_floor -- UPSTREAM_ADDR BEARER_TOKEN [THREADS] \
+//!     [--upstream-tls CA_PEM SERVER_NAME] [--tls CERT KEY]
 //! ```
 //!
 //! `THREADS` defaults to the number of cores. It prints `listening <h1 addr> <h2 addr>` on stdout
 //! (HTTP/1.1 on the first, HTTP/2 prior knowledge on the second) and runs until it is killed.
+//!
+//! `--upstream-tls` reaches the upstream over HTTPS (HTTP/1.1 by ALPN), trusting the PEM roots in
+//! `CA_PEM` and checking the certificate for `SERVER_NAME`, with rustls's default session cache,
+//! so a new pooled connection resumes the session, as the proxy's pool does. `--tls` serves
+//! clients over HTTPS with the PEM chain `CERT` and key `KEY` on both addresses, HTTP/2 or
+//! HTTP/1.1 by ALPN, with rustls's default server session cache (as the proxy's listener).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -30,7 +38,10 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -39,6 +50,8 @@ struct Worker {
     upstream: SocketAddr,
     authorization: HeaderValue,
     host: HeaderValue,
+    /// TLS to the upstream, and the name its certificate must carry.
+    upstream_tls: Option<(TlsConnector, ServerName<'static>)>,
     /// Idle upstream connections (uncontended: one thread uses it).
     idle: Mutex<Vec<SendRequest<Incoming>>>,
 }
@@ -55,6 +68,13 @@ impl Worker {
         }
         let stream = TcpStream::connect(self.upstream).await?;
         stream.set_nodelay(true)?;
+        if let Some((connector, name)) = &self.upstream_tls {
+            let stream = connector.connect(name.clone(), stream).await?;
+            let (sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(connection);
+            return Ok(sender);
+        }
         let (sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
@@ -76,6 +96,9 @@ impl Worker {
         let rest = path.strip_prefix("/deploy").unwrap_or(path);
         parts.uri = Uri::try_from(format!("/base{rest}"))?;
         parts.version = http::Version::HTTP_11;
+        // As nginx's `proxy_set_header Connection ""`: a client's `Connection: close` ends its
+        // own connection, not the pooled upstream one.
+        parts.headers.remove(header::CONNECTION);
         parts.headers.insert(header::HOST, self.host.clone());
         parts
             .headers
@@ -142,11 +165,12 @@ async fn handle(
     })
 }
 
-/// One worker thread's accept loops (HTTP/1.1 and HTTP/2).
+/// One worker thread's accept loops (HTTP/1.1 and HTTP/2; with `tls`, both by ALPN).
 async fn serve(
     h1: std::net::TcpListener,
     h2: std::net::TcpListener,
     worker: Arc<Worker>,
+    tls: Option<TlsAcceptor>,
 ) -> std::io::Result<()> {
     let h1 = TcpListener::from_std(h1)?;
     let h2 = TcpListener::from_std(h2)?;
@@ -158,30 +182,109 @@ async fn serve(
         let Ok((stream, _)) = accepted else { continue };
         let _ = stream.set_nodelay(true);
         let worker = Arc::clone(&worker);
-        let service = service_fn(move |req| handle(Arc::clone(&worker), req));
-        let io = TokioIo::new(stream);
-        if http2 {
-            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .max_concurrent_streams(256)
-                .serve_connection(io, service);
-            tokio::spawn(connection);
-        } else {
-            let connection = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(io, service);
-            tokio::spawn(connection);
+        match &tls {
+            None => serve_connection(stream, http2, worker),
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    serve_connection(stream, http2, worker);
+                });
+            }
         }
     }
 }
 
+/// Serves one client connection on its own task.
+fn serve_connection<I>(io: I, http2: bool, worker: Arc<Worker>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let service = service_fn(move |req| handle(Arc::clone(&worker), req));
+    let io = TokioIo::new(io);
+    if http2 {
+        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .max_concurrent_streams(256)
+            .serve_connection(io, service);
+        tokio::spawn(connection);
+    } else {
+        let connection = hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(io, service);
+        tokio::spawn(connection);
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// The client side of `--upstream-tls`: `ca` trusted, HTTP/1.1 by ALPN.
+fn upstream_tls(ca: &str, name: &str) -> Result<(TlsConnector, ServerName<'static>), Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca)? {
+        roots.add(cert?)?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = ServerName::try_from(name.to_owned())?;
+    Ok((TlsConnector::from(Arc::new(config)), name))
+}
+
+/// The server side of `--tls`: HTTP/2 and HTTP/1.1 by ALPN.
+fn server_tls(cert: &str, key: &str) -> Result<TlsAcceptor, Error> {
+    let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(key)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
 fn main() -> Result<(), Error> {
+    let usage = "usage: bench_hyper_floor UPSTREAM_ADDR BEARER_TOKEN [THREADS] \
+                 [--upstream-tls CA_PEM SERVER_NAME] [--tls CERT KEY]";
+    let mut positional = Vec::new();
+    let mut upstream_tls_files = None;
+    let mut tls_files = None;
     let mut args = std::env::args().skip(1);
-    let usage = "usage: bench_hyper_floor UPSTREAM_ADDR BEARER_TOKEN [THREADS]";
-    let upstream: SocketAddr = args.next().ok_or(usage)?.parse()?;
-    let token = args.next().ok_or(usage)?;
-    let threads = match args.next() {
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--upstream-tls" => {
+                let ca = args.next().ok_or(usage)?;
+                let name = args.next().ok_or(usage)?;
+                upstream_tls_files = Some((ca, name));
+            }
+            "--tls" => {
+                let cert = args.next().ok_or(usage)?;
+                let key = args.next().ok_or(usage)?;
+                tls_files = Some((cert, key));
+            }
+            _ => positional.push(arg),
+        }
+    }
+    let mut positional = positional.into_iter();
+    let upstream: SocketAddr = positional.next().ok_or(usage)?.parse()?;
+    let token = positional.next().ok_or(usage)?;
+    let threads = match positional.next() {
         Some(t) => t.parse()?,
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let upstream_tls = match &upstream_tls_files {
+        Some((ca, name)) => Some(upstream_tls(ca, name)?),
+        None => None,
+    };
+    let tls = match &tls_files {
+        Some((cert, key)) => Some(server_tls(cert, key)?),
+        None => None,
     };
     let authorization = HeaderValue::try_from(format!("Bearer {token}"))?;
     let host = HeaderValue::try_from(upstream.to_string())?;
@@ -197,13 +300,15 @@ fn main() -> Result<(), Error> {
             upstream,
             authorization: authorization.clone(),
             host: host.clone(),
+            upstream_tls: upstream_tls.clone(),
             idle: Mutex::new(Vec::new()),
         });
+        let tls = tls.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         handles.push(std::thread::spawn(move || {
-            runtime.block_on(serve(h1, h2, worker))
+            runtime.block_on(serve(h1, h2, worker, tls))
         }));
     }
     for handle in handles {

@@ -32,17 +32,22 @@ import tempfile
 import time
 import urllib.request
 
+# scenarios.py imports this module as `bench`; when it runs as a script, that is this module, not
+# a second copy with its own list of started processes.
+sys.modules.setdefault("bench", sys.modules[__name__])
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def use_binaries(target):
     """Runs the binaries of `target` (a cargo profile's output directory)."""
-    global PROXY_BIN, UPSTREAM_BIN, EMULATOR_BIN, FLOOR_BIN
+    global PROXY_BIN, UPSTREAM_BIN, EMULATOR_BIN, FLOOR_BIN, SINK_BIN
     PROXY_BIN = os.path.join(target, "sitecore-auth-proxy")
     UPSTREAM_BIN = os.path.join(target, "examples", "bench_upstream")
     EMULATOR_BIN = os.path.join(target, "examples", "bench_emulator")
     FLOOR_BIN = os.path.join(target, "examples", "bench_hyper_floor")
+    SINK_BIN = os.path.join(target, "examples", "bench_otlp_sink")
 
 
 use_binaries(os.path.join(ROOT, "target", "release"))
@@ -208,9 +213,10 @@ def to_us(value, unit):
     return float(value) * {"us": 1.0, "ms": 1000.0, "s": 1_000_000.0}[unit]
 
 
-def run_wrk(url, conns, duration):
+def run_wrk(url, conns, duration, args=()):
+    """`args`: more wrk options (a Lua script, headers), before the URL."""
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", url],
+        ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", *args, url],
         capture_output=True,
         text=True,
         check=True,
@@ -237,7 +243,8 @@ def run_wrk(url, conns, duration):
     }
 
 
-def run_h2load(url, conns, streams, duration, workdir):
+def run_h2load(url, conns, streams, duration, workdir, args=()):
+    """`args`: more h2load options (headers, `-i` with a file of URIs: then `url` is None)."""
     logfile = os.path.join(workdir, "h2load.log")
     out = subprocess.run(
         [
@@ -248,7 +255,8 @@ def run_h2load(url, conns, streams, duration, workdir):
             f"-D{duration}",
             "--warm-up-time=1",
             f"--log-file={logfile}",
-            url,
+            *args,
+            *([url] if url else []),
         ],
         capture_output=True,
         text=True,
@@ -313,9 +321,14 @@ def empty_logs():
             os.truncate(path, 0)
 
 
-def measured(run, pids):
+def measured(run, pids, served=None):
     """Runs a load and adds the CPU time per request of the processes in `pids`, and how much
     CPU other processes of the machine used meanwhile (`foreign_cpu_pct`, of all cores).
+
+    `served`, when given, counts the requests the upstream answered (its counters): CPU time is
+    divided by how many it answered while the CPU was measured, rather than by the load
+    generator's count, which leaves out h2load's warm-up second (`--warm-up-time=1`): the
+    contender works through it too. wrk has no warm-up, and its count and the upstream's agree.
 
     Every access log starts the run empty, as after a log rotation. Appending to a file that has
     grown to gigabytes costs several times the system time per line (the page cache's writeback
@@ -324,12 +337,16 @@ def measured(run, pids):
     empty_logs()
     before = {name: cpu_ticks(pid) for name, pid in pids.items()}
     threads0 = thread_ticks(pids["contender"]) if "contender" in pids else None
+    served0 = served() if served else None
     busy0, own0, t0 = busy_ticks(), own_ticks(), time.monotonic()
     result = run()
     busy1, own1, t1 = busy_ticks(), own_ticks(), time.monotonic()
+    requests = result["requests"]
+    if served:
+        requests = result["served_requests"] = served() - served0
     for name, pid in pids.items():
         ticks = cpu_ticks(pid) - before[name]
-        result[f"{name}_cpu_us_per_req"] = cpu_us_per_req(ticks, result["requests"])
+        result[f"{name}_cpu_us_per_req"] = cpu_us_per_req(ticks, requests)
     if threads0 is not None:
         result["contender_thread_cpu_pct"] = thread_shares(threads0, thread_ticks(pids["contender"]))
     foreign = max(0, (busy1 - busy0) - (own1 - own0)) / CLK_TCK
@@ -345,6 +362,7 @@ class Env:
         self.workdir = workdir
         self.upstream_port = None
         self.upstream = None
+        self.upstream_counters = None
         self.token = None
 
     def path(self, name):
@@ -354,9 +372,10 @@ class Env:
 def start_upstream(env, threads):
     out = env.path("upstream.out")
     p = spawn([UPSTREAM_BIN, "127.0.0.1:0", str(threads)], open(out, "w"))
-    addr = read_first_line(out).split()[1]
+    line = read_first_line(out).split()
     env.upstream = p
-    env.upstream_port = int(addr.rsplit(":", 1)[1])
+    env.upstream_port = int(line[1].rsplit(":", 1)[1])
+    env.upstream_counters = f"http://{line[2]}/"
     return p
 
 
@@ -366,6 +385,12 @@ def start_emulator(env, name, lifetime_s, delay_ms=0):
     info = json.loads(read_first_line(out))
     info["process"] = p
     return info
+
+
+def upstream_served(env):
+    """Requests the bench upstream has answered since it started."""
+    with urllib.request.urlopen(env.upstream_counters, timeout=5) as r:
+        return json.loads(r.read())["requests"]
 
 
 def emulator_counters(emulator):
@@ -412,26 +437,30 @@ credential = "bench"
 
 
 def start_proxy(env, name, emulator, quiet=False, max_connections=10000, wait=True, wrap=(),
-                limits=False):
+                limits=False, config=None, binary=None):
     """`wrap` runs the proxy under another program (instructions.py: valgrind); `limits` gives
-    its route a rate and an in-flight cap that never refuse."""
+    its route a rate and an in-flight cap that never refuse. `config`, when given, makes the
+    config file's text from the listening port instead (scenarios.py); `binary` runs another
+    build of the proxy."""
     port = free_port()
     cfg = env.path(f"{name}.toml")
     with open(cfg, "w") as f:
-        f.write(proxy_config(env, emulator, port, max_connections, limits))
+        f.write(config(port) if config else proxy_config(env, emulator, port, max_connections, limits))
     penv = dict(os.environ)
     penv["RUST_LOG"] = "warn" if quiet else "info"
-    p = spawn([*wrap, PROXY_BIN, "run", "--config", cfg], access_log(env.path(f"{name}.log")),
-              env=penv)
+    p = spawn([*wrap, binary or PROXY_BIN, "run", "--config", cfg],
+              access_log(env.path(f"{name}.log")), env=penv)
     if wait:
         wait_port(port, timeout=60.0 if wrap else 20.0)
     return p, port
 
 
-def start_floor(env, wrap=()):
-    out = env.path("floor.out")
-    p = spawn([*wrap, FLOOR_BIN, f"127.0.0.1:{env.upstream_port}", env.token], open(out, "w"),
-              open(env.path("floor.err"), "w"))
+def start_floor(env, wrap=(), name="floor", upstream_port=None, args=()):
+    """`args`: the floor's TLS options (`--upstream-tls`, `--tls`)."""
+    out = env.path(f"{name}.out")
+    upstream = f"127.0.0.1:{upstream_port or env.upstream_port}"
+    p = spawn([*wrap, FLOOR_BIN, upstream, env.token, *args], open(out, "w"),
+              open(env.path(f"{name}.err"), "w"))
     line = read_first_line(out, timeout=60.0 if wrap else 20.0)
     h1, h2 = (int(a.rsplit(":", 1)[1]) for a in line.split()[1:3])
     return p, h1, h2
@@ -747,6 +776,12 @@ def main():
     ap.add_argument("--protos", default="h1,h2,h1-c1", help="comma-separated subset of h1,h2,h1-c1")
     ap.add_argument("--probes", default="cold_start,upload_1gib,idle_10k,refresh",
                     help="comma-separated subset of the probes (also: refresh_control, an A/A run of the refresh probe)")
+    ap.add_argument("--scenarios", default="default",
+                    help="comma-separated: default (the comparison above and the probes) and/or "
+                         "tls-upstream, tls-client, tls-handshake, many, growth, tracing (scenarios.py); "
+                         "'all' for every one of them")
+    ap.add_argument("--proxy-before", help="tracing scenario: also run this build of the proxy "
+                                           "(one from before [telemetry])")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
     a = ap.parse_args()
     # A stopped run still stops what it started (the `finally` below).
@@ -754,7 +789,11 @@ def main():
     reps = a.reps or (1 if a.quick else 3)
     duration = a.duration or (5 if a.quick else 10)
 
-    for tool in ("wrk", "h2load", "nginx", "haproxy", "curl"):
+    names = [n for n in a.scenarios.split(",") if n]
+    if "all" in names:
+        import scenarios
+        names = ["default", *scenarios.ALL]
+    for tool in ("wrk", "h2load", "nginx", "haproxy", "curl", "openssl"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is missing (run.sh installs it)")
 
@@ -765,69 +804,77 @@ def main():
         start_upstream(env, a.upstream_threads)
         emulator = start_emulator(env, "emu-long", 86_400)
         env.token = fetch_static_token(emulator)
-        nginx, nginx_port, nginx_h2 = start_nginx(env)
-        haproxy, haproxy_port, haproxy_h2 = start_haproxy(env)
-        proxy, proxy_port = start_proxy(env, "proxy", emulator)
-        quiet, quiet_port = start_proxy(env, "proxy-quiet", emulator, quiet=True)
-        limited, limited_port = start_proxy(env, "proxy-limited", emulator, limits=True)
-        floor, floor_port, floor_h2 = start_floor(env)
-        contenders = {
-            "direct": (env.upstream, f"http://127.0.0.1:{env.upstream_port}{UPSTREAM_PATH}",
-                       f"http://127.0.0.1:{env.upstream_port}{UPSTREAM_PATH}"),
-            "nginx": (nginx, f"http://127.0.0.1:{nginx_port}{CLIENT_PATH}", f"http://127.0.0.1:{nginx_h2}{CLIENT_PATH}"),
-            "haproxy": (haproxy, f"http://127.0.0.1:{haproxy_port}{CLIENT_PATH}", f"http://127.0.0.1:{haproxy_h2}{CLIENT_PATH}"),
-            "sitecore-auth-proxy": (proxy, f"http://127.0.0.1:{proxy_port}{CLIENT_PATH}", f"http://127.0.0.1:{proxy_port}{CLIENT_PATH}"),
-            "sitecore-auth-proxy (RUST_LOG=warn)": (quiet, f"http://127.0.0.1:{quiet_port}{CLIENT_PATH}", f"http://127.0.0.1:{quiet_port}{CLIENT_PATH}"),
-            "sitecore-auth-proxy (route rate + max_in_flight, never refusing)": (limited, f"http://127.0.0.1:{limited_port}{CLIENT_PATH}", f"http://127.0.0.1:{limited_port}{CLIENT_PATH}"),
-            "hyper floor (no proxy logic)": (floor, f"http://127.0.0.1:{floor_port}{CLIENT_PATH}", f"http://127.0.0.1:{floor_h2}{CLIENT_PATH}"),
-        }
-        # Sanity and warm-up: every contender answers 200 through the same upstream.
-        for name, (_, h1, _) in contenders.items():
-            with urllib.request.urlopen(h1, timeout=10) as r:
-                assert r.status == 200, name
-            run_wrk(h1, a.conns, 1)
-        protos = tuple(p for p in ("h1", "h2", "h1-c1") if p in a.protos.split(","))
-        samples = {proto: {n: [] for n in contenders} for proto in protos}
-        for rep in range(reps):
-            for proto in protos:
-                for name, (proc, h1, h2) in contenders.items():
-                    log(f"rep {rep + 1}/{reps} {proto} {name}")
-                    pids = {"upstream": env.upstream.pid}
-                    if name != "direct":
-                        pids["contender"] = proc.pid
-                    if proto == "h1":
-                        r = measured(lambda: run_wrk(h1, a.conns, duration), pids)
-                    elif proto == "h1-c1":
-                        # One connection, one request at a time: latency without queueing.
-                        r = measured(lambda: run_wrk(h1, 1, duration), pids)
-                    else:
-                        r = measured(lambda: run_h2load(h2, a.h2_conns, a.h2_streams, duration, workdir), pids)
-                    samples[proto][name].append(r)
-        results = {proto: {n: summarize(s) for n, s in by.items()} for proto, by in samples.items()}
-        stop(nginx)
-        stop(haproxy)
-        stop(quiet)
-        stop(limited)
-        stop(floor)
-        probes = {}
-        wanted = set() if a.skip_probes else set(a.probes.split(","))
-        if "cold_start" in wanted:
-            probes["cold_start"] = probe_cold_start(env, 1000)
-        if "upload_1gib" in wanted:
-            probes["upload_1gib"] = probe_upload(env, emulator, 1 << 30)
-        if "idle_10k" in wanted:
-            probes["idle_10k"] = probe_idle(env, emulator, 10_000)
-        if "refresh" in wanted:
-            probes["refresh"] = probe_refresh(env, emulator, 20, 1 if a.quick else 9, a.conns)
-        if "refresh_control" in wanted:
-            probes["refresh_control"] = probe_refresh(
-                env, emulator, 20, 1 if a.quick else 9, a.conns, control=True
-            )
-        stop(proxy)
+        results, probes, protos = {}, {}, ()
+        if "default" in names:
+            nginx, nginx_port, nginx_h2 = start_nginx(env)
+            haproxy, haproxy_port, haproxy_h2 = start_haproxy(env)
+            proxy, proxy_port = start_proxy(env, "proxy", emulator)
+            quiet, quiet_port = start_proxy(env, "proxy-quiet", emulator, quiet=True)
+            limited, limited_port = start_proxy(env, "proxy-limited", emulator, limits=True)
+            floor, floor_port, floor_h2 = start_floor(env)
+            contenders = {
+                "direct": (env.upstream, f"http://127.0.0.1:{env.upstream_port}{UPSTREAM_PATH}",
+                           f"http://127.0.0.1:{env.upstream_port}{UPSTREAM_PATH}"),
+                "nginx": (nginx, f"http://127.0.0.1:{nginx_port}{CLIENT_PATH}", f"http://127.0.0.1:{nginx_h2}{CLIENT_PATH}"),
+                "haproxy": (haproxy, f"http://127.0.0.1:{haproxy_port}{CLIENT_PATH}", f"http://127.0.0.1:{haproxy_h2}{CLIENT_PATH}"),
+                "sitecore-auth-proxy": (proxy, f"http://127.0.0.1:{proxy_port}{CLIENT_PATH}", f"http://127.0.0.1:{proxy_port}{CLIENT_PATH}"),
+                "sitecore-auth-proxy (RUST_LOG=warn)": (quiet, f"http://127.0.0.1:{quiet_port}{CLIENT_PATH}", f"http://127.0.0.1:{quiet_port}{CLIENT_PATH}"),
+                "sitecore-auth-proxy (route rate + max_in_flight, never refusing)": (limited, f"http://127.0.0.1:{limited_port}{CLIENT_PATH}", f"http://127.0.0.1:{limited_port}{CLIENT_PATH}"),
+                "hyper floor (no proxy logic)": (floor, f"http://127.0.0.1:{floor_port}{CLIENT_PATH}", f"http://127.0.0.1:{floor_h2}{CLIENT_PATH}"),
+            }
+            # Sanity and warm-up: every contender answers 200 through the same upstream.
+            for name, (_, h1, _) in contenders.items():
+                with urllib.request.urlopen(h1, timeout=10) as r:
+                    assert r.status == 200, name
+                run_wrk(h1, a.conns, 1)
+            protos = tuple(p for p in ("h1", "h2", "h1-c1") if p in a.protos.split(","))
+            samples = {proto: {n: [] for n in contenders} for proto in protos}
+            for rep in range(reps):
+                for proto in protos:
+                    for name, (proc, h1, h2) in contenders.items():
+                        log(f"rep {rep + 1}/{reps} {proto} {name}")
+                        pids = {"upstream": env.upstream.pid}
+                        if name != "direct":
+                            pids["contender"] = proc.pid
+                        if proto == "h1":
+                            r = measured(lambda: run_wrk(h1, a.conns, duration), pids)
+                        elif proto == "h1-c1":
+                            # One connection, one request at a time: latency without queueing.
+                            r = measured(lambda: run_wrk(h1, 1, duration), pids)
+                        else:
+                            r = measured(lambda: run_h2load(h2, a.h2_conns, a.h2_streams, duration, workdir), pids,
+                                         served=lambda: upstream_served(env))
+                        samples[proto][name].append(r)
+            results = {proto: {n: summarize(s) for n, s in by.items()} for proto, by in samples.items()}
+            stop(nginx)
+            stop(haproxy)
+            stop(quiet)
+            stop(limited)
+            stop(floor)
+            probes = {}
+            wanted = set() if a.skip_probes else set(a.probes.split(","))
+            if "cold_start" in wanted:
+                probes["cold_start"] = probe_cold_start(env, 1000)
+            if "upload_1gib" in wanted:
+                probes["upload_1gib"] = probe_upload(env, emulator, 1 << 30)
+            if "idle_10k" in wanted:
+                probes["idle_10k"] = probe_idle(env, emulator, 10_000)
+            if "refresh" in wanted:
+                probes["refresh"] = probe_refresh(env, emulator, 20, 1 if a.quick else 9, a.conns)
+            if "refresh_control" in wanted:
+                probes["refresh_control"] = probe_refresh(
+                    env, emulator, 20, 1 if a.quick else 9, a.conns, control=True
+                )
+            stop(proxy)
+        extra = [n for n in names if n != "default"]
+        scenario_reports = {}
+        if extra:
+            import scenarios
+            scenario_reports = scenarios.run(env, emulator, extra, a, reps, duration)
         report = {
             "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": machine(),
-            "command": "bash benches/load/run.sh" + (" --quick" if a.quick else ""),
+            "command": "bash benches/load/run.sh " + " ".join(sys.argv[1:]),
             "settings": {
                 "reps": reps, "duration_s": duration, "wrk": f"-t1 -c{a.conns} --latency",
                 "wrk_latency": "-t1 -c1 --latency (row h1-c1)",
@@ -848,6 +895,7 @@ def main():
                 for proto in results
             },
             "probes": probes,
+            "scenarios": scenario_reports,
         }
         os.makedirs(os.path.dirname(a.out), exist_ok=True)
         with open(a.out, "w") as f:
@@ -857,8 +905,13 @@ def main():
         for proto in protos:
             print(table(results, proto))
             print()
-        print("Probes:")
-        print(json.dumps(probes, indent=2))
+        if probes:
+            print("Probes:")
+            print(json.dumps(probes, indent=2))
+        for name, rep in scenario_reports.items():
+            print(f"Scenario {name}:\n")
+            for t in rep["tables"]:
+                print(t + "\n")
         print(f"\nwritten to {a.out}")
     finally:
         stop_all()

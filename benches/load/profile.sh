@@ -25,7 +25,7 @@ done
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target/profile-build}"
 CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
     cargo build --release --quiet --bin sitecore-auth-proxy --example bench_upstream --example bench_emulator \
-    --example bench_hyper_floor
+    --example bench_hyper_floor --example bench_otlp_sink
 ulimit -n 65536 2>/dev/null || true
 export PROFILE_TARGET="$CARGO_TARGET_DIR/release"
 if [[ ${1:-} == --instructions ]]; then

@@ -9,6 +9,8 @@
 # prints the table and writes benches/load/results/latest.json. Everything listens on 127.0.0.1,
 # every run is bounded in time, and every process it starts is stopped at the end.
 # --quick: 1 repetition of 5 s per contender and protocol (default: 3 of 10 s).
+# --scenarios LIST: the default comparison ("default") and/or the scenarios of scenarios.py
+# (tls-upstream, tls-client, tls-handshake, many, growth, tracing; "all" for every one).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -20,6 +22,7 @@ command -v nginx >/dev/null || need+=(nginx-light)
 command -v haproxy >/dev/null || need+=(haproxy)
 command -v curl >/dev/null || need+=(curl)
 command -v python3 >/dev/null || need+=(python3)
+command -v openssl >/dev/null || need+=(openssl)
 if ((${#need[@]})); then
     sudo=""
     [[ $(id -u) -eq 0 ]] || sudo="sudo"
@@ -36,7 +39,7 @@ fi
 
 echo "building release binary and benchmark examples" >&2
 cargo build --release --quiet --bin sitecore-auth-proxy --example bench_upstream --example bench_emulator \
-    --example bench_hyper_floor
+    --example bench_hyper_floor --example bench_otlp_sink
 
 # 10,000 idle connections: the client and the proxy each need more than 10k descriptors.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
