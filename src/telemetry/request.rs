@@ -181,19 +181,23 @@ impl Spans {
             Context::new()
         };
         let tracer = telemetry.tracer();
-        let mut attributes = vec![
-            KeyValue::new("http.request.method", method.as_str().to_owned()),
-            KeyValue::new("url.scheme", if tls { "https" } else { "http" }),
-            KeyValue::new("url.path", path.to_owned()),
-        ];
-        if let Ok(id) = request_id.to_str() {
-            attributes.push(KeyValue::new("sitecore_proxy.request_id", id.to_owned()));
-        }
-        let server = tracer
+        // The attributes go on after the sampling decision, and only on a sampled span: our
+        // samplers look at the parent and the trace id alone, and an unsampled request (most of
+        // them at a low `sample_ratio`) then pays for no attribute strings.
+        let mut server = tracer
             .span_builder(method.as_str().to_owned())
             .with_kind(SpanKind::Server)
-            .with_attributes(attributes)
             .start_with_context(tracer, &remote);
+        if server.is_recording() {
+            server.set_attributes([
+                KeyValue::new("http.request.method", method.as_str().to_owned()),
+                KeyValue::new("url.scheme", if tls { "https" } else { "http" }),
+                KeyValue::new("url.path", path.to_owned()),
+            ]);
+            if let Ok(id) = request_id.to_str() {
+                server.set_attribute(KeyValue::new("sitecore_proxy.request_id", id.to_owned()));
+            }
+        }
         let context = server.span_context().clone();
         let mut trace_id = [b'0'; 32];
         // 16 bytes always fit 32 hex digits.
@@ -217,17 +221,19 @@ impl Spans {
         let port = authority
             .port_u16()
             .unwrap_or(if scheme == "https" { 443 } else { 80 });
-        let attributes = [
-            KeyValue::new("http.request.method", self.method.as_str().to_owned()),
-            KeyValue::new("url.scheme", scheme.to_owned()),
-            KeyValue::new("server.address", authority.host().to_owned()),
-            KeyValue::new("server.port", i64::from(port)),
-        ];
-        let span = tracer
+        // As for the request's span: attributes only once the span is known to be sampled.
+        let mut span = tracer
             .span_builder(self.method.as_str().to_owned())
             .with_kind(SpanKind::Client)
-            .with_attributes(attributes)
             .start_with_context(tracer, &self.parent);
+        if span.is_recording() {
+            span.set_attributes([
+                KeyValue::new("http.request.method", self.method.as_str().to_owned()),
+                KeyValue::new("url.scheme", scheme.to_owned()),
+                KeyValue::new("server.address", authority.host().to_owned()),
+                KeyValue::new("server.port", i64::from(port)),
+            ]);
+        }
         headers.remove(&TRACEPARENT);
         headers.remove(&TRACESTATE);
         let context = parent_of(span.span_context().clone());
