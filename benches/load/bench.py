@@ -778,7 +778,7 @@ def main():
                     help="comma-separated subset of the probes (also: refresh_control, an A/A run of the refresh probe)")
     ap.add_argument("--scenarios", default="default",
                     help="comma-separated: default (the comparison above and the probes) and/or "
-                         "tls-upstream, tls-client, tls-handshake, many, growth, tracing (scenarios.py); "
+                         "tls-upstream, tls-client, tls-handshake, many, growth, tracing, fleet (scenarios.py); "
                          "'all' for every one of them")
     ap.add_argument("--proxy-before", help="tracing scenario: also run this build of the proxy "
                                            "(one from before [telemetry])")

@@ -24,7 +24,12 @@ that sets the proxy apart from the floor, not the syscalls they share.
   tracing  the proxy with its admin listener and no [telemetry], with `sample_ratio` 0.01 and 1.0
            exporting to examples/bench_otlp_sink.rs (the dump waits 5 s after the load, so the
            export of its spans is counted), and with `--proxy-before BIN` that build without
-           [telemetry] (one from before it existed).
+           [telemetry] (one from before it existed);
+  fleet    the proxy with route limits that never refuse, without and with [cluster] (a
+           redis-server of the run's own, the default sync_interval of 100 ms): the fleet's
+           background sync, spread over the requests served meanwhile, and anything
+           [cluster] adds to a request's path. `--proxy-before BIN` adds that build's limited
+           row (for a change to the limiter).
 Export happens on the proxy's own threads, so it is in the counts.
 
 Prints instructions and `malloc` calls per request, then the proxy's most expensive functions
@@ -142,8 +147,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("requests", type=int, nargs="?", default=20_000)
     ap.add_argument("--variants", default="default",
-                    help="comma-separated: default, growth, growth-spread, tracing")
-    ap.add_argument("--proxy-before", help="tracing: also count this build (from before [telemetry])")
+                    help="comma-separated: default, growth, growth-spread, tracing, fleet")
+    ap.add_argument("--proxy-before", help="tracing and fleet: also count this build (tracing: one from "
+                                           "before [telemetry])")
     a = ap.parse_args()
     n = a.requests
     variants = a.variants.split(",")
@@ -212,6 +218,27 @@ def main():
                                          settle=5.0 if ratio else 0.0)))
             with urllib.request.urlopen(f"http://{sink}/counters", timeout=10) as r:
                 print(f"spans the sink received (all tracing rows, warm-up included): {r.read().decode()}\n")
+        if "fleet" in variants:
+            redis = setups.Redis(env, "redis")
+            rows = [("route limits, no [cluster]", "", None),
+                    ("route limits, [cluster]", f'[cluster]\nredis_url = "{redis.url()}"\n', None)]
+            if a.proxy_before:
+                rows.append((f"{os.path.basename(a.proxy_before)}, route limits", "", a.proxy_before))
+            for label, extra, binary in rows:
+                name = "proxy-fleet-" + ("on" if extra else "off") + ("-before" if binary else "")
+                text = lambda pt, x=extra: setups.proxy_text(  # noqa: E731
+                    pt, emulator, [("/deploy", f"http://127.0.0.1:{env.upstream_port}/base")], extra=x,
+                    route_extra=bench.NEVER_REFUSING_LIMITS)
+                proxy, port = bench.start_proxy(env, name, emulator, wrap=callgrind(name), config=text,
+                                                binary=binary)
+                url = f"http://127.0.0.1:{port}{bench.CLIENT_PATH}"
+                commands, started = redis.commands(), time.monotonic()
+                results.append((f"sitecore-auth-proxy ({label})", *measure(env.workdir, name, proxy, url, n)))
+                if extra:
+                    # Warm-up and measured load together, the counter's own INFO taken off.
+                    sent = redis.commands() - commands - 1
+                    print(f"{label}: {sent} Redis commands in {time.monotonic() - started:.1f} s "
+                          f"(warm-up included)\n", flush=True)
         if "default" in variants:
             floor, port, _ = bench.start_floor(env, wrap=callgrind("floor"))
             results.append(("hyper floor (no proxy logic)",

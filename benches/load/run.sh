@@ -10,7 +10,7 @@
 # every run is bounded in time, and every process it starts is stopped at the end.
 # --quick: 1 repetition of 5 s per contender and protocol (default: 3 of 10 s).
 # --scenarios LIST: the default comparison ("default") and/or the scenarios of scenarios.py
-# (tls-upstream, tls-client, tls-handshake, many, growth, tracing; "all" for every one).
+# (tls-upstream, tls-client, tls-handshake, many, growth, tracing, fleet; "all" for every one).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -23,6 +23,7 @@ command -v haproxy >/dev/null || need+=(haproxy)
 command -v curl >/dev/null || need+=(curl)
 command -v python3 >/dev/null || need+=(python3)
 command -v openssl >/dev/null || need+=(openssl)
+command -v redis-server >/dev/null || need+=(redis-server)
 if ((${#need[@]})); then
     sudo=""
     [[ $(id -u) -eq 0 ]] || sudo="sudo"
@@ -30,7 +31,7 @@ if ((${#need[@]})); then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
     # Debian starts the packaged services; the benchmark runs its own instances.
-    for svc in nginx haproxy; do
+    for svc in nginx haproxy redis-server; do
         if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
             $sudo systemctl stop "$svc" || true
         fi

@@ -31,6 +31,13 @@ ratios from the same run, and stops them again.
                  to examples/bench_otlp_sink.rs; after each run the spans the sink received and
                  the proxy's telemetry_spans_dropped_total and telemetry_export_failures_total.
                  `--proxy-before BIN` adds a build from before [telemetry] existed (b8af883).
+  fleet          one replica with [cluster] (a redis-server of the run's own, share_tokens,
+                 the default sync_interval of 100 ms) against the same proxy without it, both
+                 with a route `rate` that never refuses, so the fleet's rate sync has a limiter
+                 to reconcile: throughput and CPU per request (goal: within 3 %), and the Redis
+                 commands per second the replica sends at full load (h1, 64 connections) and at
+                 one request at a time (h1-c1): the same figure at both, set by sync_interval
+                 and not by the request rate, is the goal.
 
 Goals, as ratios of the same run: the proxy's req/s at least nginx's, its p99 at most nginx's, its
 CPU per request within 10 % of the floor's.
@@ -45,11 +52,11 @@ import time
 import urllib.request
 
 import bench as b
-from setups import (DEPLOY_REWRITE, get_json, make_certs, nginx_proxy_settings, nginx_upstream_block,
-                    plain_upstream, proxy_text, resumes, start_haproxy, start_nginx, start_proxy,
-                    start_upstream)
+from setups import (DEPLOY_REWRITE, Redis, get_json, make_certs, nginx_proxy_settings,
+                    nginx_upstream_block, plain_upstream, proxy_text, resumes, start_haproxy, start_nginx,
+                    start_proxy, start_upstream)
 
-ALL = ("tls-upstream", "tls-client", "tls-handshake", "many", "growth", "tracing")
+ALL = ("tls-upstream", "tls-client", "tls-handshake", "many", "growth", "tracing", "fleet")
 SPREAD_LUA = os.path.join(b.HERE, "spread.lua")
 # Connections opened at once per `h2load` batch of the `full` handshake load.
 HANDSHAKE_BATCH = 64
@@ -500,6 +507,48 @@ def tracing(env, emulator, a, reps, duration, before_bin=None):
     return out
 
 
+def fleet(env, emulator, a, reps, duration):
+    up = plain_upstream(env)
+    redis = Redis(env, "redis-fleet")
+    rows = [("sitecore-auth-proxy, route rate (no [cluster])", ""),
+            ("sitecore-auth-proxy, route rate, [cluster] (1 replica)",
+             f'[cluster]\nredis_url = "{redis.url()}"\n')]
+    contenders = []
+    for label, extra in rows:
+        name = "proxy-fleet-" + ("on" if extra else "off")
+        proxy, pp = start_proxy(env, name, emulator, lambda pt, x=extra: proxy_text(
+            pt, emulator, [("/deploy", f"http://127.0.0.1:{up.port}/base")], extra=x,
+            route_extra=b.NEVER_REFUSING_LIMITS))
+        # The Redis commands of the run, the counter's own INFO taken off.
+        observe = (lambda: {"redis_commands": redis.commands() - 1, "observed_s": time.monotonic()}) if extra else None
+        contenders.append(Contender(label, proxy, {"h1": f"http://127.0.0.1:{pp}{b.CLIENT_PATH}",
+                                                   "h1-c1": f"http://127.0.0.1:{pp}{b.CLIENT_PATH}"},
+                                    up, "proxy", observe))
+    warm_up(contenders)
+    # One request at a time: a twentieth or less of the full load's rate, so commands that
+    # followed requests would show as a lower figure here.
+    loads = {"h1": wrk_load(a.conns, duration), "h1-c1": wrk_load(1, duration)}
+    results = interleave("fleet", contenders, loads, reps)
+    for rows_ in results.values():
+        for r in rows_.values():
+            if "redis_commands" in r:
+                r["redis_commands_per_s"] = round(med(r, "redis_commands") / med(r, "observed_s"), 1)
+    stop(contenders)
+    b.stop(redis.process)
+    base, clustered = contenders[0].name, contenders[1].name
+    out = report("fleet", results, contenders, extra=(
+        ("Redis commands/s", "redis_commands_per_s", 1),), notes={
+        "redis": "redis-server from Debian, no persistence, on loopback; commands per second are "
+                 "INFO stats total_commands_processed over each run (the replica is its only client)",
+        "limits": "the route has rate, burst and max_in_flight that never refuse (bench.py)"})
+    out["cluster_vs_without"] = {
+        load: {"rps": b.ratio(med(r[clustered], "rps"), med(r[base], "rps")),
+               "cpu_per_request": b.ratio(med(r[clustered], "contender_cpu_us_per_req"),
+                                          med(r[base], "contender_cpu_us_per_req"))}
+        for load, r in results.items()}
+    return out
+
+
 # ---------------------------------------------------------------- helpers
 
 
@@ -566,6 +615,8 @@ def run(env, emulator, names, a, reps, duration):
             out[name] = growth(env, emulator, a, reps, duration)
         elif name == "tracing":
             out[name] = tracing(env, emulator, a, reps, duration, a.proxy_before)
+        elif name == "fleet":
+            out[name] = fleet(env, emulator, a, reps, duration)
         for t in out[name]["tables"]:
             print(t + "\n", flush=True)
         print(json.dumps({k: v for k, v in out[name].items() if k not in ("tables", "results")}, indent=2) + "\n",

@@ -1,5 +1,5 @@
 """What the scenarios of scenarios.py run: the certificate of a run, the bench upstream (plain
-or HTTPS), and nginx, HAProxy and proxy configurations for each scenario's job. The default
+or HTTPS), a redis-server, and nginx, HAProxy and proxy configurations for each scenario's job. The default
 run's contenders are in bench.py; these keep its settings (workers = cores, keep-alive on both
 sides, an access log) and add what a scenario needs.
 """
@@ -7,6 +7,7 @@ sides, an access log) and add what a scenario needs.
 import hashlib
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -207,6 +208,38 @@ def start_haproxy(env, name, binds, frontend, upstream_port, tls_upstream=None):
     return p
 
 
+class Redis:
+    """A redis-server of the run's own (no persistence), and its command counter."""
+
+    def __init__(self, env, name):
+        if not shutil.which("redis-server"):
+            raise SystemExit("redis-server is missing (run.sh installs it)")
+        self.port = b.free_port()
+        self.process = b.spawn(["redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
+                                "--save", "", "--appendonly", "no", "--dir", env.workdir],
+                               open(env.path(f"{name}.log"), "w"))
+        b.wait_port(self.port)
+
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}"
+
+    def commands(self):
+        """`total_commands_processed` of INFO stats (this INFO counts only once it has run)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn:
+            conn.sendall(b"INFO stats\r\n")
+            reply = b""
+            while b"\r\n" not in reply:
+                reply += conn.recv(4096)
+            head, rest = reply.split(b"\r\n", 1)
+            size = int(head[1:])
+            while len(rest) < size:
+                rest += conn.recv(65536)
+        for line in rest.decode().splitlines():
+            if line.startswith("total_commands_processed:"):
+                return int(line.split(":", 1)[1])
+        raise RuntimeError("INFO stats without total_commands_processed")
+
+
 def credential(emulator):
     return f"""[credentials.bench]
 client_id = "emulator-client"
@@ -217,13 +250,13 @@ jwks_url = "{emulator['jwks_url']}"
 """
 
 
-def proxy_text(port, emulator, routes, server_extra="", clients=0, extra=""):
-    """A proxy config: `routes` is a list of (prefix, upstream URL); `clients` [[clients]] with
-    the key hashes of bench-key-0 ... (spread.lua's keys)."""
+def proxy_text(port, emulator, routes, server_extra="", clients=0, extra="", route_extra=""):
+    """A proxy config: `routes` is a list of (prefix, upstream URL), each with `route_extra`'s
+    keys; `clients` [[clients]] with the key hashes of bench-key-0 ... (spread.lua's keys)."""
     text = f'[server]\nlisten = "127.0.0.1:{port}"\nmax_connections = 10000\n{server_extra}\n'
     text += extra + "\n" + credential(emulator)
     for prefix, upstream in routes:
-        text += f'\n[[routes]]\nprefix = "{prefix}"\nupstream = "{upstream}"\ncredential = "bench"\n'
+        text += f'\n[[routes]]\nprefix = "{prefix}"\nupstream = "{upstream}"\ncredential = "bench"\n{route_extra}'
     for i in range(clients):
         digest = hashlib.sha256(f"bench-key-{i}".encode()).hexdigest()
         text += f'\n[[clients]]\nname = "c{i}"\nkey_sha256 = "{digest}"\n'
