@@ -216,17 +216,17 @@ impl Spans {
 
     fn upstream(&mut self, target: &Target, headers: &mut HeaderMap) {
         let tracer = self.telemetry.tracer();
-        let scheme = target.scheme().as_str();
-        let authority = target.authority();
-        let port = authority
-            .port_u16()
-            .unwrap_or(if scheme == "https" { 443 } else { 80 });
         // As for the request's span: attributes only once the span is known to be sampled.
         let mut span = tracer
             .span_builder(self.method.as_str().to_owned())
             .with_kind(SpanKind::Client)
             .start_with_context(tracer, &self.parent);
         if span.is_recording() {
+            let scheme = target.scheme().as_str();
+            let authority = target.authority();
+            let port = authority
+                .port_u16()
+                .unwrap_or(if scheme == "https" { 443 } else { 80 });
             span.set_attributes([
                 KeyValue::new("http.request.method", self.method.as_str().to_owned()),
                 KeyValue::new("url.scheme", scheme.to_owned()),
