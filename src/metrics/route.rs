@@ -2,7 +2,8 @@
 //! lookups, and [`RouteMetrics::record`] is the one place a finished request is counted, timed
 //! and kept in the histories.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
@@ -51,29 +52,60 @@ impl RouteMetrics {
 
 /// The series of `proxy_requests_total` a route has counted, by client and status, and the
 /// histories of those clients. Counting looks the pair up in a snapshot of the series seen so
-/// far, without a lock or a hash; a series seen for the first time comes from the family (and
-/// its client's history from the histories) and goes into a new snapshot.
+/// far, without a lock. A miss takes the lock of the series added since the snapshot
+/// (`recent`), finds or adds the series there, and now and then folds them into a new snapshot
+/// (see [`Recent::misses`]).
 #[derive(Debug)]
 pub struct RouteRequests {
     family: Family<RequestLabels, Counter>,
     route: Arc<str>,
     clients: Arc<Histories>,
-    seen: ArcSwap<Vec<SeenSeries>>,
+    seen: ArcSwap<Series>,
+    recent: Mutex<Recent>,
 }
 
-/// One series in a [`RouteRequests`] snapshot.
+/// Series by [`SeriesKey`]: a hash lookup, so a gateway with a thousand clients pays what one
+/// with ten does.
+type Series = HashMap<SeriesKey, SeenSeries, foldhash::fast::RandomState>;
+
+/// A series' client, by the address of its name, and its status. Clients' names are the
+/// configuration's `Arc`s, the same for every request of a client; the entry holds its `Arc`,
+/// so the address is not reused while the entry exists. The same name in another allocation
+/// is another key for the same series (the family and the histories find it by name).
+type SeriesKey = (usize, u16);
+
+fn key(client: &Arc<str>, status: u16) -> SeriesKey {
+    (Arc::as_ptr(client).cast::<u8>() as usize, status)
+}
+
+/// One series of a [`RouteRequests`].
 #[derive(Debug, Clone)]
 struct SeenSeries {
-    client: Arc<str>,
-    status: u16,
+    /// Keeps the key's address in use.
+    _client: Arc<str>,
     counter: Counter,
     usage: Arc<History>,
 }
 
-/// The snapshot's bound. It keeps the first series a route sees (a route's clients and
-/// statuses are few, and a reload starts a new snapshot); series beyond it are counted through
-/// the family's lookup, as before the snapshots.
-const MAX_SEEN: usize = 64;
+impl SeenSeries {
+    fn record_in(&self, bucket: u64, status: u16) {
+        self.counter.inc();
+        self.usage.record_in(bucket, status, 0.0);
+    }
+}
+
+/// The series a [`RouteRequests`] added since its snapshot.
+#[derive(Debug, Default)]
+struct Recent {
+    series: Series,
+    /// Requests that missed the snapshot since it was made. A new snapshot copies the old one,
+    /// so it is made once the misses reach the old one's size: each miss pays for copying one
+    /// series, whether the misses are new series (the snapshot doubles) or the same few
+    /// (they move into it after that many requests). Adding each new series to a new
+    /// snapshot instead makes a route's warm-up quadratic: a route that 1,000 clients use
+    /// would copy up to 1,000 series 1,000 times.
+    misses: usize,
+}
 
 impl RouteRequests {
     pub(super) fn new(
@@ -85,7 +117,8 @@ impl RouteRequests {
             family,
             route,
             clients,
-            seen: ArcSwap::from_pointee(Vec::new()),
+            seen: ArcSwap::from_pointee(Series::default()),
+            recent: Mutex::default(),
         }
     }
 
@@ -97,44 +130,53 @@ impl RouteRequests {
 
     /// [`RouteRequests::count`], in the history's bucket `bucket`.
     fn count_in(&self, bucket: u64, client: &Arc<str>, status: u16) {
-        let same = |s: &SeenSeries| {
-            s.status == status && (Arc::ptr_eq(&s.client, client) || s.client == *client)
-        };
+        let key = key(client, status);
         let seen = self.seen.load();
-        if let Some(series) = seen.iter().find(|s| same(s)) {
-            series.counter.inc();
-            series.usage.record_in(bucket, status, 0.0);
+        if let Some(series) = seen.get(&key) {
+            series.record_in(bucket, status);
             return;
         }
-        let full = seen.len() >= MAX_SEEN;
         drop(seen);
-        let counter = self
-            .family
-            .get_or_create(&RequestLabels {
-                route: Arc::clone(&self.route),
-                client: Arc::clone(client),
-                status,
-            })
-            .clone();
-        counter.inc();
-        let usage = self.clients.get_or_create(client);
-        usage.record_in(bucket, status, 0.0);
-        if full {
-            // No new snapshot (`rcu` would copy and swap one even with nothing to add).
-            return;
+        self.recent_series(key, client, status)
+            .record_in(bucket, status);
+    }
+
+    /// The series `key`, from the recent ones, added to them if new; folds them into a new
+    /// snapshot when the misses have paid for its copy.
+    fn recent_series(&self, key: SeriesKey, client: &Arc<str>, status: u16) -> SeenSeries {
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        let seen = self.seen.load();
+        // Another request may have made a snapshot with it since this one looked.
+        if let Some(series) = seen.get(&key) {
+            return series.clone();
         }
-        self.seen.rcu(|seen| {
-            let mut seen = Vec::clone(seen);
-            if seen.len() < MAX_SEEN && !seen.iter().any(same) {
-                seen.push(SeenSeries {
-                    client: Arc::clone(client),
-                    status,
-                    counter: counter.clone(),
-                    usage: Arc::clone(&usage),
-                });
+        recent.misses += 1;
+        let series = match recent.series.get(&key) {
+            Some(series) => series.clone(),
+            None => {
+                let series = SeenSeries {
+                    _client: Arc::clone(client),
+                    counter: self
+                        .family
+                        .get_or_create(&RequestLabels {
+                            route: Arc::clone(&self.route),
+                            client: Arc::clone(client),
+                            status,
+                        })
+                        .clone(),
+                    usage: self.clients.get_or_create(client),
+                };
+                recent.series.insert(key, series.clone());
+                series
             }
-            seen
-        });
+        };
+        if recent.misses >= seen.len() {
+            let mut next = Series::clone(&seen);
+            next.extend(recent.series.drain());
+            self.seen.store(Arc::new(next));
+            recent.misses = 0;
+        }
+        series
     }
 }
 
@@ -168,7 +210,6 @@ mod tests {
         assert_eq!(count_of(&metrics, "team-a", 200), Some(4));
         assert_eq!(count_of(&metrics, "team-a", 503), Some(1));
         assert_eq!(count_of(&metrics, "team-b", 200), Some(1));
-        assert_eq!(route.requests.seen.load().len(), 3);
     }
 
     #[test]
@@ -208,22 +249,87 @@ mod tests {
     }
 
     #[test]
-    fn series_beyond_the_snapshot_bound_are_still_counted() {
+    fn a_thousand_clients_are_added_with_few_snapshot_copies_then_found_without_a_lock() {
+        let metrics = Metrics::new();
+        let route = metrics.register_route(&Arc::from("/deploy"));
+        let requests = &route.requests;
+        let clients: Vec<Arc<str>> = (0..1000).map(|i| Arc::from(format!("c{i}"))).collect();
+        let mut copies = 0;
+        for _round in 0..2 {
+            for client in &clients {
+                let before = requests.seen.load_full();
+                requests.count(client, 200);
+                copies += usize::from(!Arc::ptr_eq(&before, &requests.seen.load_full()));
+            }
+        }
+        // The snapshot doubles (1, 2, 4, ... 512), then takes the rest in once their misses
+        // have paid for it: 11 copies, not one per client.
+        assert_eq!(copies, 11);
+        assert_eq!(requests.seen.load().len(), 1000);
+        let recent = requests.recent.lock().expect("recent series");
+        assert!(recent.series.is_empty());
+        assert_eq!(recent.misses, 0);
+        drop(recent);
+
+        let full = requests.seen.load_full();
+        for client in &clients {
+            requests.count(client, 200);
+        }
+        assert!(Arc::ptr_eq(&full, &requests.seen.load_full()));
+        for name in ["c0", "c511", "c999"] {
+            assert_eq!(count_of(&metrics, name, 200), Some(3), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_series_missing_from_a_large_snapshot_is_counted_from_the_recent_ones() {
         let metrics = Metrics::new();
         let route = metrics.register_route(&Arc::from("/deploy"));
         let client = Arc::<str>::from("-");
-        for status in 100..(100 + MAX_SEEN as u16 + 10) {
-            route.requests.count(&client, status);
+        for status in 100..108 {
             route.requests.count(&client, status);
         }
-        assert_eq!(route.requests.seen.load().len(), MAX_SEEN);
-        // A full snapshot is not copied and swapped again for series beyond it.
-        let full = route.requests.seen.load_full();
-        route.requests.count(&client, 999);
-        assert!(Arc::ptr_eq(&full, &route.requests.seen.load_full()));
-        assert_eq!(count_of(&metrics, "-", 999), Some(1));
-        for status in [100, 100 + MAX_SEEN as u16 + 9] {
-            assert_eq!(count_of(&metrics, "-", status), Some(2), "status {status}");
+        let snapshot = route.requests.seen.load_full();
+        assert_eq!(snapshot.len(), 8);
+        // One new series: its misses pay for a copy of 8 series after 8 requests, so the
+        // first 7 are counted from the recent series, under the lock, without a copy.
+        for _ in 0..7 {
+            route.requests.count(&client, 599);
         }
+        assert!(Arc::ptr_eq(&snapshot, &route.requests.seen.load_full()));
+        route.requests.count(&client, 599);
+        assert_eq!(route.requests.seen.load().len(), 9);
+        assert_eq!(count_of(&metrics, "-", 599), Some(8));
+        assert_eq!(count_of(&metrics, "-", 100), Some(1));
+    }
+
+    #[test]
+    fn concurrent_first_sightings_are_all_counted_once_each() {
+        let metrics = Metrics::new();
+        let route = metrics.register_route(&Arc::from("/deploy"));
+        let clients: Vec<Arc<str>> = (0..300).map(|i| Arc::from(format!("c{i}"))).collect();
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..5 {
+                        for client in &clients {
+                            route.requests.count(client, 200);
+                        }
+                    }
+                });
+            }
+        });
+        for client in &clients {
+            assert_eq!(count_of(&metrics, client, 200), Some(20), "{client}");
+        }
+        let known = route.requests.seen.load().len();
+        let recent = route
+            .requests
+            .recent
+            .lock()
+            .expect("recent series")
+            .series
+            .len();
+        assert_eq!(known + recent, 300);
     }
 }
