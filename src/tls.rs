@@ -31,5 +31,11 @@ pub fn server_config(settings: &TlsSettings) -> Result<Arc<rustls::ServerConfig>
     let mut config =
         builder.with_single_cert(settings.cert_chain.clone(), settings.key.clone_key())?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Stateless session tickets (keys rotated every 6 hours, the previous kept): a gateway's
+    // clients resume however many they are, where rustls's default cache holds 256 sessions
+    // and a 257th client's reconnection evicts the oldest. The keys belong to this
+    // configuration, so after a reload every client verifies again (a changed `client_ca`
+    // applies to all of them).
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
     Ok(Arc::new(config))
 }

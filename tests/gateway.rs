@@ -4,13 +4,16 @@
 mod support;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rustls::pki_types::ServerName;
 use sha2::{Digest, Sha256};
 use sitecore_auth_proxy::config::Config;
 use sitecore_auth_proxy::inbound::Clients;
 use support::tls::{self, TestCa};
 use support::{json, Harness, Setup};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ALPHA_KEY: &str = "alpha-key-0123456789";
 const BETA_KEY: &str = "beta-key-9876543210";
@@ -126,6 +129,14 @@ fn a_public_listener_without_inbound_auth_refuses_to_start() {
 
 /// A harness serving HTTPS with a certificate from `ca`, optionally requiring client certs.
 async fn https_harness(ca: &TestCa, client_ca: Option<&TestCa>) -> Harness {
+    https_harness_with_config(ca, client_ca).await.0
+}
+
+/// [`https_harness`], and the path of a file holding its configuration (for a reload).
+async fn https_harness_with_config(
+    ca: &TestCa,
+    client_ca: Option<&TestCa>,
+) -> (Harness, std::path::PathBuf) {
     let dir = tls::temp_dir("https");
     let server = ca.server();
     let cert = tls::write(&dir, "server.crt", &server.cert_pem);
@@ -139,13 +150,14 @@ async fn https_harness(ca: &TestCa, client_ca: Option<&TestCa>) -> Harness {
         let path = tls::write(&dir, "clients.pem", &client_ca.pem());
         server_extra.push_str(&format!("client_ca = \"{}\"\n", path.display()));
     }
-    let mut h = Harness::with(Setup {
-        server_extra,
+    let setup = || Setup {
+        server_extra: server_extra.clone(),
         ..Setup::default()
-    })
-    .await;
+    };
+    let mut h = Harness::with(setup()).await;
     h.base = format!("https://{}", h.proxy.local_addr());
-    h
+    let text = support::config_text(&setup(), &h.emulator);
+    (h, tls::write(&dir, "proxy.toml", &text))
 }
 
 fn https_client(config: rustls::ClientConfig, h2: bool) -> reqwest::Client {
@@ -225,6 +237,60 @@ async fn mtls_requires_a_certificate_from_the_client_ca() {
         1,
         "only the good client got through"
     );
+}
+
+/// One HTTP/1.1 request on a new TLS connection made with `config`: whether its handshake
+/// resumed a session, and the response's status line.
+async fn tls_request(h: &Harness, config: &Arc<rustls::ClientConfig>) -> (bool, String) {
+    let tcp = tokio::net::TcpStream::connect(h.proxy.local_addr())
+        .await
+        .expect("connect");
+    let name = ServerName::try_from("localhost").expect("server name");
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::clone(config))
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    stream
+        .write_all(b"GET /deploy/x HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    // Reading the response also reads the session tickets sent after the handshake. The end
+    // of the connection may come without a close_notify; the status line is what counts.
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response).await;
+    let text = String::from_utf8_lossy(&response);
+    (resumed, text.lines().next().unwrap_or("").to_string())
+}
+
+#[tokio::test]
+async fn https_clients_resume_however_many_they_are_until_a_reload() {
+    let ca = TestCa::new("test server CA");
+    let (h, path) = https_harness_with_config(&ca, None).await;
+    // More clients than a session cache of 256 holds, each with a session store of its own.
+    let clients: Vec<Arc<rustls::ClientConfig>> = (0..300)
+        .map(|_| Arc::new(tls::client_config(&[ca.der()], None, &[b"http/1.1"])))
+        .collect();
+    for config in &clients {
+        let (resumed, status) = tls_request(&h, config).await;
+        assert!(!resumed, "a first connection is a full handshake");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+    }
+    let mut resumed = 0;
+    for config in &clients {
+        let (again, status) = tls_request(&h, config).await;
+        resumed += usize::from(again);
+        assert_eq!(status, "HTTP/1.1 200 OK");
+    }
+    assert_eq!(resumed, clients.len(), "every client resumed its session");
+
+    // A reload brings new ticket keys: a client verifies again (and a changed client_ca would
+    // apply to it).
+    h.proxy.reload_from(&path).await.expect("reload");
+    let (again, status) = tls_request(&h, &clients[0]).await;
+    assert!(!again, "no session from before the reload is resumed");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(h.emulator.upstream_requests(), 601);
 }
 
 async fn local_token(h: &Harness, json_body: bool, id: &str, secret: &str) -> reqwest::Response {
