@@ -237,7 +237,8 @@ fn upstream_tls(ca: &str, name: &str) -> Result<(TlsConnector, ServerName<'stati
     Ok((TlsConnector::from(Arc::new(config)), name))
 }
 
-/// The server side of `--tls`: HTTP/2 and HTTP/1.1 by ALPN.
+/// The server side of `--tls`: HTTP/2 and HTTP/1.1 by ALPN, and the proxy's stateless session
+/// tickets.
 fn server_tls(cert: &str, key: &str) -> Result<TlsAcceptor, Error> {
     let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
     let key = PrivateKeyDer::from_pem_file(key)?;
@@ -246,6 +247,7 @@ fn server_tls(cert: &str, key: &str) -> Result<TlsAcceptor, Error> {
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
