@@ -5,11 +5,12 @@
 //! and HTTP/2 servers and the upstream with hyper's HTTP/1.1 client. Like the nginx contender it
 //! rewrites `/deploy` to the upstream's `/base` and sets a static `Authorization` header.
 //!
-//! It has none of the proxy's own work: no route table, path check or header hygiene (beyond
-//! dropping the client's `Connection` header, as nginx does), no token cache, no access log,
-//! metrics, request ids, limits or timeouts. So its CPU time per request is what hyper and tokio
-//! cost for this job on this machine, and the proxy's excess over it is the proxy's own. It is a
-//! measuring stick, not a proxy to deploy.
+//! Its TLS listener takes the proxy's settings (`sitecore_auth_proxy::tls`), so a TLS row
+//! compares the same handshakes. It has none of the proxy's own work: no route table, path check
+//! or header hygiene (beyond dropping the client's `Connection` header, as nginx does), no token
+//! cache, no access log, metrics, request ids, limits or timeouts. So its CPU time per request is
+//! what hyper and tokio cost for this job on this machine, and the proxy's excess over it is the
+//! proxy's own. It is a measuring stick, not a proxy to deploy.
 //!
 //! ```text
 //! cargo run --release --example bench_hyper_floor -- UPSTREAM_ADDR BEARER_TOKEN [THREADS] \
@@ -40,6 +41,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use sitecore_auth_proxy::tls;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -237,17 +239,16 @@ fn upstream_tls(ca: &str, name: &str) -> Result<(TlsConnector, ServerName<'stati
     Ok((TlsConnector::from(Arc::new(config)), name))
 }
 
-/// The server side of `--tls`: HTTP/2 and HTTP/1.1 by ALPN, and the proxy's stateless session
-/// tickets.
+/// The server side of `--tls`: the proxy's listener settings (HTTP/2 and HTTP/1.1 by ALPN, its
+/// suite order, stateless session tickets).
 fn server_tls(cert: &str, key: &str) -> Result<TlsAcceptor, Error> {
     let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
     let key = PrivateKeyDer::from_pem_file(key)?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+    let mut config = rustls::ServerConfig::builder_with_provider(tls::listener_provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+    tls::tune_listener(&mut config)?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 

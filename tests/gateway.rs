@@ -242,6 +242,15 @@ async fn mtls_requires_a_certificate_from_the_client_ca() {
 /// One HTTP/1.1 request on a new TLS connection made with `config`: whether its handshake
 /// resumed a session, and the response's status line.
 async fn tls_request(h: &Harness, config: &Arc<rustls::ClientConfig>) -> (bool, String) {
+    let (resumed, status, _) = tls_request_with_suite(h, config).await;
+    (resumed, status)
+}
+
+/// [`tls_request`], and the cipher suite the handshake agreed on.
+async fn tls_request_with_suite(
+    h: &Harness,
+    config: &Arc<rustls::ClientConfig>,
+) -> (bool, String, Option<rustls::CipherSuite>) {
     let tcp = tokio::net::TcpStream::connect(h.proxy.local_addr())
         .await
         .expect("connect");
@@ -250,7 +259,9 @@ async fn tls_request(h: &Harness, config: &Arc<rustls::ClientConfig>) -> (bool, 
         .connect(name, tcp)
         .await
         .expect("handshake");
-    let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let session = stream.get_ref().1;
+    let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let suite = session.negotiated_cipher_suite().map(|s| s.suite());
     stream
         .write_all(b"GET /deploy/x HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
         .await
@@ -260,7 +271,32 @@ async fn tls_request(h: &Harness, config: &Arc<rustls::ClientConfig>) -> (bool, 
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response).await;
     let text = String::from_utf8_lossy(&response);
-    (resumed, text.lines().next().unwrap_or("").to_string())
+    (
+        resumed,
+        text.lines().next().unwrap_or("").to_string(),
+        suite,
+    )
+}
+
+#[tokio::test]
+async fn https_prefers_aes_128_gcm_sha256_whatever_the_client_order() {
+    let ca = TestCa::new("test server CA");
+    let h = https_harness(&ca, None).await;
+    let config = tls::client_config(&[ca.der()], None, &[b"http/1.1"]);
+    let offered: Vec<_> = config
+        .crypto_provider()
+        .cipher_suites
+        .iter()
+        .map(|s| s.suite())
+        .collect();
+    assert_eq!(
+        offered.first(),
+        Some(&rustls::CipherSuite::TLS13_AES_256_GCM_SHA384),
+        "the client prefers AES-256"
+    );
+    let (_, status, suite) = tls_request_with_suite(&h, &Arc::new(config)).await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(suite, Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
 }
 
 #[tokio::test]
