@@ -131,6 +131,7 @@ impl Runtime {
             .collect::<Result<Vec<_>, _>>()
             .map_err(BuildError)?;
         let limits = Limits::build(&config, previous.map(|p| &p.limits));
+        metrics.unrouted_requests.forget_clients();
         for route in &mut routes {
             route.metrics = metrics.register_route(&route.label);
             route.limits = limits.route(&route.prefix).cloned();

@@ -122,6 +122,16 @@ impl RouteRequests {
         }
     }
 
+    /// Drops the series found so far; their counts stay in the family. For a `RouteRequests`
+    /// that outlives a reload (the unrouted requests'): the reloaded clients' names are new
+    /// allocations, so the old keys would never be found again, only kept.
+    pub fn forget_clients(&self) {
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        recent.series = Series::default();
+        recent.misses = 0;
+        self.seen.store(Arc::default());
+    }
+
     /// `proxy_requests_total{route, client, status}` + 1, and the request in the client's
     /// history.
     pub fn count(&self, client: &Arc<str>, status: u16) {
@@ -301,6 +311,22 @@ mod tests {
         assert_eq!(route.requests.seen.load().len(), 9);
         assert_eq!(count_of(&metrics, "-", 599), Some(8));
         assert_eq!(count_of(&metrics, "-", 100), Some(1));
+    }
+
+    #[test]
+    fn forgetting_the_clients_keeps_their_counts() {
+        let metrics = Metrics::new();
+        let before = Arc::<str>::from("team-a");
+        metrics.unrouted_requests.count(&before, 404);
+        metrics.unrouted_requests.forget_clients();
+        assert!(metrics.unrouted_requests.seen.load().is_empty());
+        // After a reload the same client has a new name allocation.
+        let after = Arc::<str>::from("team-a");
+        metrics.unrouted_requests.count(&after, 404);
+        assert_eq!(metrics.unrouted_requests.seen.load().len(), 1);
+        assert!(metrics
+            .encode()
+            .contains("proxy_requests_total{route=\"-\",client=\"team-a\",status=\"404\"} 2"));
     }
 
     #[test]
