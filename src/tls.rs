@@ -53,10 +53,12 @@ pub fn listener_provider() -> Arc<CryptoProvider> {
 pub fn tune_listener(config: &mut rustls::ServerConfig) -> Result<(), rustls::Error> {
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.ignore_client_order = true;
-    // Tickets sealed with keys rotated every 6 hours (the previous kept): a gateway's clients
-    // resume however many they are, where rustls's default cache holds 256 sessions and a
-    // 257th client's reconnection evicts the oldest. The keys belong to this configuration,
-    // so after a reload every client verifies again (a changed `client_ca` applies to all).
+    // Tickets sealed with keys rotated every 6 hours, the previous kept, so a ticket is accepted
+    // for up to 12: a gateway's clients resume however many they are, where rustls's default
+    // cache holds 256 sessions and a 257th client's reconnection evicts the oldest. A resumed
+    // session carries its first handshake's verdict on the client certificate. The keys belong
+    // to this configuration, so a reload (made to change `client_ca`, say) verifies every
+    // client again.
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
     Ok(())
 }

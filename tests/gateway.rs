@@ -251,31 +251,40 @@ async fn tls_request_with_suite(
     h: &Harness,
     config: &Arc<rustls::ClientConfig>,
 ) -> (bool, String, Option<rustls::CipherSuite>) {
-    let tcp = tokio::net::TcpStream::connect(h.proxy.local_addr())
-        .await
-        .expect("connect");
+    tls_exchange(h, config).await.expect("TLS exchange")
+}
+
+/// [`tls_request_with_suite`], or why the connection failed. In TLS 1.3 the client finishes
+/// its side of the handshake before the server has judged its certificate, so a refused
+/// certificate may surface on the read, as an alert instead of a response.
+async fn tls_exchange(
+    h: &Harness,
+    config: &Arc<rustls::ClientConfig>,
+) -> std::io::Result<(bool, String, Option<rustls::CipherSuite>)> {
+    let tcp = tokio::net::TcpStream::connect(h.proxy.local_addr()).await?;
     let name = ServerName::try_from("localhost").expect("server name");
     let mut stream = tokio_rustls::TlsConnector::from(Arc::clone(config))
         .connect(name, tcp)
-        .await
-        .expect("handshake");
+        .await?;
     let session = stream.get_ref().1;
     let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let suite = session.negotiated_cipher_suite().map(|s| s.suite());
     stream
         .write_all(b"GET /deploy/x HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
-        .await
-        .expect("request");
+        .await?;
     // Reading the response also reads the session tickets sent after the handshake. The end
     // of the connection may come without a close_notify; the status line is what counts.
     let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response).await;
+    let read = stream.read_to_end(&mut response).await;
+    if let (Err(e), true) = (read, response.is_empty()) {
+        return Err(e);
+    }
     let text = String::from_utf8_lossy(&response);
-    (
+    Ok((
         resumed,
         text.lines().next().unwrap_or("").to_string(),
         suite,
-    )
+    ))
 }
 
 #[tokio::test]
@@ -327,6 +336,52 @@ async fn https_clients_resume_however_many_they_are_until_a_reload() {
     assert!(!again, "no session from before the reload is resumed");
     assert_eq!(status, "HTTP/1.1 200 OK");
     assert_eq!(h.emulator.upstream_requests(), 601);
+}
+
+#[tokio::test]
+async fn a_reload_with_another_client_ca_refuses_the_old_cas_clients_even_with_a_ticket() {
+    let server_ca = TestCa::new("server CA");
+    let old_ca = TestCa::new("old client CA");
+    let (h, path) = https_harness_with_config(&server_ca, Some(&old_ca)).await;
+    let old_client = Arc::new(tls::client_config(
+        &[server_ca.der()],
+        Some(&old_ca.client("team-a")),
+        &[b"http/1.1"],
+    ));
+    let (resumed, status) = tls_request(&h, &old_client).await;
+    assert!(!resumed);
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let (resumed, status) = tls_request(&h, &old_client).await;
+    assert!(
+        resumed,
+        "the client holds a ticket, which skips certificate checks"
+    );
+    assert_eq!(status, "HTTP/1.1 200 OK");
+
+    // Another client CA: the old tickets' keys are gone with the old configuration, so the
+    // old client must show its certificate again, and it no longer passes.
+    let new_ca = TestCa::new("new client CA");
+    let dir = path.parent().expect("config dir");
+    tls::write(dir, "clients.pem", &new_ca.pem());
+    h.proxy.reload_from(&path).await.expect("reload");
+    let refused = tls_exchange(&h, &old_client).await;
+    assert!(
+        refused.is_err(),
+        "the old CA's client is refused after the reload: {refused:?}"
+    );
+
+    let new_client = Arc::new(tls::client_config(
+        &[server_ca.der()],
+        Some(&new_ca.client("team-b")),
+        &[b"http/1.1"],
+    ));
+    let (_, status) = tls_request(&h, &new_client).await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(
+        h.emulator.upstream_requests(),
+        3,
+        "nothing of the refused connection was forwarded"
+    );
 }
 
 async fn local_token(h: &Harness, json_body: bool, id: &str, secret: &str) -> reqwest::Response {
