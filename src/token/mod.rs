@@ -484,7 +484,9 @@ impl OAuthCredential {
     async fn attempt(&self, trigger: &'static str) {
         let publish = match &self.shared {
             Some(shared) => match self.ask_fleet(shared, trigger == "forced").await {
-                shared::FromFleet::Adopted(token) => return self.adopt(token),
+                shared::FromFleet::Adopted(token) => {
+                    return self.adopt(token, "token taken from the fleet")
+                }
                 shared::FromFleet::Kept => {
                     self.attempts.send_modify(|n| *n += 1);
                     return;
@@ -537,10 +539,11 @@ impl OAuthCredential {
         }
     }
 
-    /// Installs a verified token another replica fetched: no token request was made.
-    fn adopt(&self, token: Token) {
+    /// Installs a verified token another replica fetched: no token request was made. `how` is
+    /// the log line's message.
+    fn adopt(&self, token: Token, how: &'static str) {
         let mut status = CredentialStatus::clone(&self.status.load());
-        let _ = self.install(token, &mut status, "token taken from the fleet");
+        let _ = self.install(token, &mut status, how);
         self.status.store(Arc::new(status));
         self.shared_adoptions.inc();
         self.attempts.send_modify(|n| *n += 1);

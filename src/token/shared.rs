@@ -228,7 +228,10 @@ impl OAuthCredential {
             Ok(Read::Usable(token, fingerprint)) if Some(fingerprint) != rejected => {
                 return FromFleet::Adopted(token)
             }
-            Ok(Read::Usable(token, _)) => self.adopt(token),
+            Ok(Read::Usable(token, _)) => self.adopt(
+                token,
+                "serving the refused token until the replica refreshing it shares a new one",
+            ),
             Ok(Read::Replace(seen)) => return self.lease_or_wait(shared, seen).await,
             Err(Unavailable) => return FromFleet::Fetch(Publish::default()),
         }
