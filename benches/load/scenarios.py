@@ -9,6 +9,7 @@ ratios from the same run, and stops them again.
                  HTTP/1.1 only and to one that offers h2 by ALPN, the floor (--upstream-tls).
                  The upstream counts the connections and full and resumed TLS handshakes each
                  contender made during its runs: a pool that keeps its connections makes a few.
+                 Every contender must reach it on TLS 1.3 (checked after the warm-up).
   tls-client     TLS from the clients (wrk https: HTTP/1.1; h2load https: h2 by ALPN), plain
                  upstream, keep-alive on both sides.
   tls-handshake  TLS from the clients, one request per connection: `resume` (wrk with
@@ -16,8 +17,10 @@ ratios from the same run, and stops them again.
                  request, wrk keeps the session), `resume-c400` (the same with 400 clients, more
                  than rustls's default server session cache of 256 holds) and `full` (batches of
                  `h2load --h1 -n64 -c64`: 64 connections at once, each a full handshake and one
-                 request). Whether each contender resumes sessions at all is checked once with
-                 Python's ssl module.
+                 request). Before the runs, Python's ssl module checks that each contender
+                 speaks TLS 1.3 and resumes sessions. Both scenarios that take TLS from clients
+                 stop if one answers a TLS 1.3 client with TLS 1.2 (nginx before 1.23.4 does
+                 unless told: its TLS 1.2 resumption has no key exchange).
   many           1,000 [[clients]] (key_sha256) and 200 routes, requests spread over both (wrk
                  with spread.lua: a random route and a random client key per request; h2load
                  cycles through the 200 routes with one key). nginx: 200 `location` blocks and a
@@ -53,7 +56,7 @@ import urllib.request
 
 import bench as b
 from setups import (DEPLOY_REWRITE, Redis, get_json, make_certs, nginx_proxy_settings,
-                    nginx_upstream_block, plain_upstream, proxy_text, resumes, start_haproxy, start_nginx,
+                    nginx_upstream_block, plain_upstream, proxy_text, start_haproxy, start_nginx, tls_session,
                     start_proxy, start_upstream)
 
 ALL = ("tls-upstream", "tls-client", "tls-handshake", "many", "growth", "tracing", "fleet")
@@ -265,6 +268,7 @@ def tls_upstream(env, emulator, tls, a, reps, duration):
         Contender("hyper floor (upstream HTTP/1.1)", floor, both(fp, fp2), up_h1, "floor", up_h1.observe),
     ]
     warm_up(contenders)
+    require_tls13_upstream(contenders)
     loads = {"h1": wrk_load(a.conns, duration),
              "h2": h2load_load(a.h2_conns, a.h2_streams, duration, env.workdir)}
     results = interleave("tls-upstream", contenders, loads, reps)
@@ -288,6 +292,8 @@ def tls_front(env, emulator, tls, upstream):
         ssl_certificate {tls['cert']};
         ssl_certificate_key {tls['key']};
         ssl_session_cache shared:SSL:10m;
+        # nginx before 1.23.4 (Debian 12 has 1.22) speaks TLS 1.2 at most unless told.
+        ssl_protocols TLSv1.2 TLSv1.3;
 {nginx_proxy_settings(env, upstream.port)}        location /deploy/ {{
             proxy_pass http://fast/base/;
         }}
@@ -312,8 +318,27 @@ def tls_front(env, emulator, tls, upstream):
     ]
 
 
+def tls_sessions(front):
+    """Each TLS-terminating contender's version and resumption (setups.tls_session). Every one must
+    speak TLS 1.3 to a TLS 1.3 client: a TLS 1.2 resumption skips the key exchange, and the
+    comparison would no longer be like for like."""
+    sessions = {n: tls_session(port) for n, _, port, _, _, _ in front}
+    off = {n: s["version"] for n, s in sessions.items() if s["version"] != "TLSv1.3"}
+    if off:
+        raise SystemExit(f"not TLS 1.3 with a TLS 1.3 client: {off}; check their configuration")
+    return sessions
+
+
+def require_tls13_upstream(contenders):
+    """After the warm-up: no contender reached the HTTPS upstream on TLS 1.2 (see tls_sessions)."""
+    off = [c.name for c in contenders if c.observe and c.observe().get("upstream_tls12")]
+    if off:
+        raise SystemExit(f"TLS 1.2 to the upstream (bench_upstream counted it) from one of: {off}")
+
+
 def tls_client(env, emulator, tls, a, reps, duration):
     front = tls_front(env, emulator, tls, plain_upstream(env))
+    tls_sessions(front)
     contenders = [Contender(n, p, {"h1": f"https://127.0.0.1:{port}{path}", "h2": f"https://127.0.0.1:{port}{path}"},
                             up, role) for n, p, port, up, role, path in front]
     warm_up(contenders)
@@ -330,7 +355,7 @@ def tls_handshake(env, emulator, tls, a, reps, duration):
     front = tls_front(env, emulator, tls, plain_upstream(env))
     contenders = [Contender(n, p, {load: f"https://127.0.0.1:{port}{path}" for load in ("resume", "resume-c400", "full")},
                             up, role) for n, p, port, up, role, path in front]
-    resumption = {n: resumes(port) for n, _, port, _, _, _ in front}
+    resumption = tls_sessions(front)
     warm_up(contenders)
     loads = {"resume": wrk_load(RESUME_CONNS, duration, ["-H", "Connection: close"]),
              "resume-c400": wrk_load(RESUME_MANY, duration, ["-H", "Connection: close"]),

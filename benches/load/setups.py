@@ -48,9 +48,10 @@ def make_certs(env):
     return p
 
 
-def resumes(port):
-    """Whether a TLS client gets a resumed session from the server on `port` on its second
-    connection (Python's ssl module, TLS 1.3 tickets read with the first response)."""
+def tls_session(port):
+    """The TLS version a client gets from the server on `port`, and whether its second connection
+    resumes the first's session (Python's ssl module, TLS 1.3 tickets read with the first
+    response): `{"version": "TLSv1.3", "resumed": True}`."""
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -63,7 +64,8 @@ def resumes(port):
                     pass
                 reused = s.session_reused
                 session = s.session
-    return reused
+                version = s.version()
+    return {"version": version, "resumed": reused}
 
 
 # ---------------------------------------------------------------- processes
@@ -82,7 +84,7 @@ class Upstream:
     def observe(self):
         c = get_json(self.counters)
         return {"upstream_connections": c["connections"], "upstream_tls_full": c["tls_full"],
-                "upstream_tls_resumed": c["tls_resumed"]}
+                "upstream_tls_resumed": c["tls_resumed"], "upstream_tls12": c["tls12"]}
 
 
 def start_upstream(env, name, tls=None, alpn="h2,http/1.1"):
@@ -158,6 +160,8 @@ def nginx_proxy_settings(env, upstream_port, tls=None):
         proxy_ssl_name localhost;
         proxy_ssl_server_name on;
         proxy_ssl_session_reuse on;
+        # nginx before 1.23.4 (Debian 12 has 1.22) speaks TLS 1.2 at most unless told.
+        proxy_ssl_protocols TLSv1.2 TLSv1.3;
 """
     return out
 
