@@ -8,7 +8,10 @@ a new TCP connection and a resumed TLS 1.3 handshake per request), one contender
 - CPU per connection from /proc, and its system part;
 - voluntary and involuntary context switches per connection, from /proc/<pid>/task/*/status
   (a voluntary one is a thread going to sleep: an epoll_wait with nothing ready);
-- the machine's idle time (all cores, from /proc/stat): whether the load is bound by CPU;
+- the machine's idle time (all cores, from /proc/stat), and wrk's own CPU per connection and
+  share of a core: wrk is one thread, so at 100 % the rate is what its CPU per connection
+  allows, and that depends on what the server makes it do (a TLS 1.2 resumption has no key
+  exchange, a TLS 1.3 one has one; SHA-384 suites cost it more than SHA-256 on this CPU);
 - with perf (cpu-clock, the only event this VM has), CPU per connection by symbol.
 The proxy runs twice: with a worker per core, and with one (SITECORE_PROXY_WORKERS=1).
 It uses the binaries run.sh builds (target/release); BENCHMARKS.md has the results.
@@ -102,6 +105,7 @@ def measure(name, pids, url, seconds, perf, workdir):
     wrk = subprocess.Popen([*load, f"-d{seconds + 2}s", url], stdout=subprocess.PIPE, text=True)
     time.sleep(1)
     (u0, s0), (v0, i0), (idle0, all0) = user_system(pids), switches(pids), machine_ticks()
+    client0 = sum(user_system([wrk.pid]))
     served0 = time.monotonic()
     data = os.path.join(workdir, f"{name}.perf")
     if perf:
@@ -112,13 +116,15 @@ def measure(name, pids, url, seconds, perf, workdir):
     else:
         time.sleep(seconds)
     (u1, s1), (v1, i1), (idle1, all1) = user_system(pids), switches(pids), machine_ticks()
+    client1 = sum(user_system([wrk.pid]))
     elapsed = time.monotonic() - served0
     out, _ = wrk.communicate()
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     conns = rate * elapsed
     row = {"name": name, "rate": rate, "cpu": (u1 - u0 + s1 - s0) / conns, "system": (s1 - s0) / conns,
            "voluntary": (v1 - v0) / conns, "involuntary": (i1 - i0) / conns,
-           "idle": 100.0 * (idle1 - idle0) / max(1, all1 - all0)}
+           "idle": 100.0 * (idle1 - idle0) / max(1, all1 - all0),
+           "client": (client1 - client0) / conns, "client_core": (client1 - client0) / elapsed / 1e4}
     if perf:
         row["perf_us"], row["symbols"] = symbols(data, conns)
     return row
@@ -151,11 +157,12 @@ def main():
                                 not a.no_perf, env.workdir))
             rows[-1]["name"] = role
         print("| contender | connections/s | CPU µs/conn | of which system | voluntary switches/conn "
-              "| involuntary/conn | machine idle |")
-        print("|---|---|---|---|---|---|---|")
+              "| involuntary/conn | machine idle | wrk µs/conn | wrk, % of a core |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['name']} | {r['rate']:,.0f} | {r['cpu']:.1f} | {r['system']:.1f} | "
-                  f"{r['voluntary']:.2f} | {r['involuntary']:.2f} | {r['idle']:.0f} % |")
+                  f"{r['voluntary']:.2f} | {r['involuntary']:.2f} | {r['idle']:.0f} % | {r['client']:.1f} | "
+                  f"{r['client_core']:.0f} % |")
         if a.no_perf:
             return
         print("\nperf, µs per connection (symbols from at least "
