@@ -56,9 +56,10 @@ pub fn tune_listener(config: &mut rustls::ServerConfig) -> Result<(), rustls::Er
     // Tickets sealed with keys rotated every 6 hours, the previous kept, so a ticket is accepted
     // for up to 12: a gateway's clients resume however many they are, where rustls's default
     // cache holds 256 sessions and a 257th client's reconnection evicts the oldest. A resumed
-    // session carries its first handshake's verdict on the client certificate. The keys belong
-    // to this configuration, so a reload (made to change `client_ca`, say) verifies every
-    // client again.
+    // session carries its first handshake's verdict on the client certificate, and so do the
+    // tickets each resumption hands out: a client that keeps reconnecting is not verified again
+    // while the keys live. They belong to this configuration, so a reload (made to change
+    // `client_ca`, say) verifies every client again.
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
     Ok(())
 }

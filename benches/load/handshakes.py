@@ -142,7 +142,9 @@ def main():
         env.token = b.fetch_static_token(emulator)
         tls = setups.make_certs(env)
         upstream = setups.plain_upstream(env)
-        front = {role: (p, port, path) for _, p, port, _, role, path in scenarios.tls_front(env, emulator, tls, upstream)}
+        contenders = scenarios.tls_front(env, emulator, tls, upstream)
+        scenarios.tls_sessions(contenders)
+        front = {role: (p, port, path) for _, p, port, _, role, path in contenders}
         server_tls = f'tls_cert = "{tls["cert"]}"\ntls_key = "{tls["key"]}"'
         os.environ["SITECORE_PROXY_WORKERS"] = "1"
         one, one_port = setups.start_proxy(env, "proxy-one-worker", emulator, lambda pt: setups.proxy_text(

@@ -320,12 +320,13 @@ def tls_front(env, emulator, tls, upstream):
 
 def tls_sessions(front):
     """Each TLS-terminating contender's version and resumption (setups.tls_session). Every one must
-    speak TLS 1.3 to a TLS 1.3 client: a TLS 1.2 resumption skips the key exchange, and the
-    comparison would no longer be like for like."""
+    speak TLS 1.3 to a TLS 1.3 client (a TLS 1.2 resumption skips the key exchange, and the
+    comparison would no longer be like for like) and resume its sessions."""
     sessions = {n: tls_session(port) for n, _, port, _, _, _ in front}
-    off = {n: s["version"] for n, s in sessions.items() if s["version"] != "TLSv1.3"}
+    off = {n: s for n, s in sessions.items() if s["version"] != "TLSv1.3" or not s["resumed"]}
     if off:
-        raise SystemExit(f"not TLS 1.3 with a TLS 1.3 client: {off}; check their configuration")
+        raise SystemExit(f"not a resumed TLS 1.3 session with a TLS 1.3 client: {off}; "
+                         "check their configuration")
     return sessions
 
 
