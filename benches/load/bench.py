@@ -157,17 +157,24 @@ def process_tree(pid):
     return out
 
 
-def cpu_ticks(pid):
-    """utime + stime of pid and its descendants, in clock ticks."""
-    total = 0
+def user_system_ticks(pid):
+    """utime and stime of pid and its descendants (nginx's workers), in clock ticks; a process
+    gone meanwhile counts nothing."""
+    user = system = 0
     for p in process_tree(pid):
         try:
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
         except OSError:
-            pass
-    return total
+            continue
+        user += int(fields[11])
+        system += int(fields[12])
+    return user, system
+
+
+def cpu_ticks(pid):
+    """utime + stime of pid and its descendants, in clock ticks."""
+    return sum(user_system_ticks(pid))
 
 
 def thread_ticks(pid):

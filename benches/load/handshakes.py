@@ -37,34 +37,24 @@ TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
 MIN_SYMBOL_US = 1.0
 
 
-def user_system(pids):
-    """utime and stime of `pids` and their children (nginx's workers), in µs."""
-    user = system = 0
-    for pid in pids:
-        for p in b.process_tree(pid):
-            try:
-                with open(f"/proc/{p}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            user += int(fields[11])
-            system += int(fields[12])
+def user_system(pid):
+    """utime and stime of `pid` and its descendants (nginx's workers), in µs."""
+    user, system = b.user_system_ticks(pid)
     return user * TICK_US, system * TICK_US
 
 
-def switches(pids):
-    """Voluntary and involuntary context switches of every thread of `pids` and children."""
+def switches(pid):
+    """Voluntary and involuntary context switches of every thread of `pid` and its descendants."""
     voluntary = involuntary = 0
-    for pid in pids:
-        for p in b.process_tree(pid):
-            for status in glob.glob(f"/proc/{p}/task/*/status"):
-                try:
-                    with open(status) as f:
-                        text = f.read()
-                except OSError:
-                    continue
-                voluntary += int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", text, re.M).group(1))
-                involuntary += int(re.search(r"^nonvoluntary_ctxt_switches:\s+(\d+)", text, re.M).group(1))
+    for p in b.process_tree(pid):
+        for status in glob.glob(f"/proc/{p}/task/*/status"):
+            try:
+                with open(status) as f:
+                    text = f.read()
+            except OSError:
+                continue
+            voluntary += int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", text, re.M).group(1))
+            involuntary += int(re.search(r"^nonvoluntary_ctxt_switches:\s+(\d+)", text, re.M).group(1))
     return voluntary, involuntary
 
 
@@ -99,24 +89,24 @@ def symbols(data, conns):
     return ns / 1000 / conns, rows
 
 
-def measure(name, pids, url, seconds, perf, workdir):
+def measure(name, pid, url, seconds, perf, workdir):
     load = ["wrk", "-t1", f"-c{scenarios.RESUME_CONNS}", "-H", "Connection: close"]
     subprocess.run([*load, "-d3s", url], capture_output=True, check=True)
     wrk = subprocess.Popen([*load, f"-d{seconds + 2}s", url], stdout=subprocess.PIPE, text=True)
     time.sleep(1)
-    (u0, s0), (v0, i0), (idle0, all0) = user_system(pids), switches(pids), machine_ticks()
-    client0 = sum(user_system([wrk.pid]))
+    (u0, s0), (v0, i0), (idle0, all0) = user_system(pid), switches(pid), machine_ticks()
+    client0 = sum(user_system(wrk.pid))
     served0 = time.monotonic()
-    data = os.path.join(workdir, f"{name}.perf")
+    data = os.path.join(workdir, name.replace(", ", "-").replace(" ", "-") + ".perf")
     if perf:
         # nginx: its workers (perf -p does not follow children).
-        targets = [str(p) for pid in pids for p in b.process_tree(pid)]
+        targets = [str(p) for p in b.process_tree(pid)]
         subprocess.run(["perf", "record", "-F", "999", "-p", ",".join(targets), "-o", data, "--",
                         "sleep", str(seconds)], capture_output=True, check=True)
     else:
         time.sleep(seconds)
-    (u1, s1), (v1, i1), (idle1, all1) = user_system(pids), switches(pids), machine_ticks()
-    client1 = sum(user_system([wrk.pid]))
+    (u1, s1), (v1, i1), (idle1, all1) = user_system(pid), switches(pid), machine_ticks()
+    client1 = sum(user_system(wrk.pid))
     elapsed = time.monotonic() - served0
     out, _ = wrk.communicate()
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -155,9 +145,7 @@ def main():
         for role in ("nginx", "proxy", "proxy, one worker", "floor"):
             p, port, path = front[role]
             url = f"https://127.0.0.1:{port}{path}"
-            rows.append(measure(role.replace(", ", "-").replace(" ", "-"), [p.pid], url, a.seconds,
-                                not a.no_perf, env.workdir))
-            rows[-1]["name"] = role
+            rows.append(measure(role, p.pid, url, a.seconds, not a.no_perf, env.workdir))
         print("| contender | connections/s | CPU µs/conn | of which system | voluntary switches/conn "
               "| involuntary/conn | machine idle | wrk µs/conn | wrk, % of a core |")
         print("|---|---|---|---|---|---|---|---|---|")

@@ -25,19 +25,6 @@ bench.use_binaries(os.environ.get("PROFILE_TARGET", os.path.join(bench.ROOT, "ta
 TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_ticks(pid):
-    """utime and stime of `pid` and its children (nginx workers), in clock ticks."""
-    pids = [pid] + [int(p) for p in subprocess.run(
-        ["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
-    user = system = 0
-    for p in pids:
-        with open(f"/proc/{p}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        user += int(fields[11])
-        system += int(fields[12])
-    return user, system
-
-
 def wrk_summary(out):
     lines = out.splitlines()
     requests = int(next(l for l in lines if "requests in" in l).split()[0])
@@ -66,10 +53,10 @@ def main():
         for _ in range(2):
             for name, process, url in contenders:
                 bench.run_wrk(url, 64, 1)
-                u0, s0 = cpu_ticks(process.pid)
+                u0, s0 = bench.user_system_ticks(process.pid)
                 out = subprocess.run(["wrk", "-t1", "-c64", f"-d{seconds}s", "--latency", url],
                                      capture_output=True, text=True, check=True).stdout
-                u1, s1 = cpu_ticks(process.pid)
+                u1, s1 = bench.user_system_ticks(process.pid)
                 n, rps, p99 = wrk_summary(out)
                 print(f"| {name} | {rps} | {p99} | {(u1 - u0) * TICK_US / n:.2f} | "
                       f"{(s1 - s0) * TICK_US / n:.2f} |", flush=True)
